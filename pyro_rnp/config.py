@@ -1,0 +1,108 @@
+"""One dataclass holds everything needed to rebuild a model and continue its training.
+
+Presets: the paper's settings per dataset (``RNPConfig.preset("fashion")``) and a
+CPU-friendly schedule (``RNPConfig.preset("fashion", "quick")``) with the same
+architecture. Override single fields with ``dataclasses.replace``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+DATASETS = ("fashion", "mnist", "omniglot")
+SCHEDULES = ("paper", "quick")
+LIKELIHOODS = ("normal", "bernoulli")
+ACTIVATIONS = ("elu", "linear")
+
+
+@dataclass(frozen=True)
+class RNPConfig:
+    # data
+    dataset: str = "fashion"
+    limit: int | None = None          # use the first N training images
+    exclude_classes: tuple[int, ...] = ()
+    # model (RNP-MODEL.md; defaults are the paper's sizes)
+    z_dim: int = 32                   # |z|, the program vector
+    depth: int = 2                    # levels K of the program tree
+    steps: int = 4                    # tau, children per program
+    hidden: int = 64                  # width of H's trunk and of the generated hidden layers
+    embed: int = 32                   # size of the patch encoding read by the two RNNs
+    action_hidden: int = 32           # width of the generated action decoder
+    image_size: int = 28
+    scale_offset: float = 3.3         # s0 added to the diagonal of every affine action
+    generated_activation: str = "elu" # between generated layers: "elu" (paper) or "linear" (authors' code)
+    encoder_blocks: int = 5
+    encoder_hidden: int = 64
+    likelihood: str = "normal"        # "normal" (sigma=likelihood_scale; 0.5 is the paper's loss) or "bernoulli"
+    likelihood_scale: float = 0.5
+    part_weight: float = 1.0          # weight of the part-level regulariser (a pyro.factor)
+    # training
+    schedule: str = "paper"           # the preset the training settings came from: "paper" or "quick"
+    epochs: int = 200
+    batch_size: int = 64
+    lr: float = 4e-5
+    lr_warmup_steps: int = 0          # linear warm-up from 0, then constant
+    grad_clip: float = 0.2            # clamp every gradient element to +-grad_clip (authors' code); 0 disables
+    seed: int = 0
+    eval_limit: int | None = None     # held-out images evaluated after each epoch (None: all)
+    figure_every: int = 5             # refresh figures every N epochs (and at the end)
+
+    def __post_init__(self):
+        checks = [
+            (self.dataset in DATASETS, f"dataset must be one of {', '.join(DATASETS)}, not {self.dataset!r}"),
+            (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}"),
+            (self.likelihood in LIKELIHOODS, f"likelihood must be one of {', '.join(LIKELIHOODS)}, not {self.likelihood!r}"),
+            (self.generated_activation in ACTIVATIONS,
+             f"generated_activation must be one of {', '.join(ACTIVATIONS)}, not {self.generated_activation!r}"),
+            (self.depth >= 1, "depth must be at least 1"),
+            (self.steps >= 1, "steps must be at least 1"),
+            (min(self.z_dim, self.hidden, self.embed, self.action_hidden, self.encoder_hidden) >= 1,
+             "layer sizes must be positive"),
+            (self.encoder_blocks >= 0, "encoder_blocks must be >= 0"),
+            (self.image_size == 28, "only 28x28 images are supported"),
+            (self.epochs >= 0, "epochs must be >= 0"),
+            (self.batch_size >= 2, "batch_size must be at least 2 (the encoder uses batch norm)"),
+            (self.lr > 0, "lr must be positive"),
+            (self.likelihood_scale > 0, "likelihood_scale must be positive"),
+            (self.limit is None or self.limit >= 2, "limit must be at least 2"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        object.__setattr__(self, "exclude_classes", tuple(int(c) for c in self.exclude_classes))
+
+    @classmethod
+    def preset(cls, dataset: str, schedule: str = "paper", **overrides) -> "RNPConfig":
+        """The paper's settings for ``dataset``; ``schedule="quick"`` trains in minutes on a CPU."""
+        if dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown preset {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        omniglot = dataset == "omniglot"
+        values = dict(dataset=dataset, schedule=schedule, z_dim=96 if omniglot else 32,
+                      epochs=400 if omniglot else 200)
+        if schedule == "quick":
+            values.update(QUICK)
+        values.update(overrides)
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["exclude_classes"] = list(self.exclude_classes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RNPConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config fields: {', '.join(unknown)}")
+        return cls(**d)
+
+    # fields that define the model's parameters: a checkpoint fits only a config that agrees on these
+    ARCHITECTURE = ("z_dim", "depth", "steps", "hidden", "embed", "action_hidden", "image_size",
+                    "generated_activation", "encoder_blocks", "encoder_hidden")
+
+
+# The quick schedule: same architecture, a faster learning rate with warm-up, few epochs.
+QUICK = dict(epochs=2, lr=3e-4, lr_warmup_steps=200, eval_limit=2000, figure_every=1)

@@ -1,0 +1,155 @@
+"""Run folders: everything a training run writes, and reading it back.
+
+    runs/<dataset>-<timestamp>/
+        config.json      the RNPConfig and how the run was started
+        metrics.jsonl    one JSON object per epoch
+        checkpoint.pt    model, optimizer and RNG state, epoch and step (written atomically)
+        figures/         PNGs, refreshed during training
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import pathlib
+import platform
+import random
+
+import numpy as np
+import torch
+
+from .config import RNPConfig
+from .files import atomic_write
+
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+FORMAT = 1
+
+
+class RunError(Exception):
+    """A user-facing problem with a run folder or checkpoint; str(e) says what to do."""
+
+
+def new_run_dir(dataset: str, root: str | pathlib.Path = "runs") -> pathlib.Path:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = pathlib.Path(root) / f"{dataset}-{stamp}"
+    suffix = 1
+    while path.exists():
+        suffix += 1
+        path = pathlib.Path(root) / f"{dataset}-{stamp}-{suffix}"
+    return path
+
+
+def versions() -> dict:
+    import pyro
+    from . import __version__
+    return {"pyro_rnp": __version__, "torch": torch.__version__, "pyro": pyro.__version__,
+            "python": platform.python_version()}
+
+
+def write_config(run_dir: pathlib.Path, config: RNPConfig, **extra) -> None:
+    record = {"config": config.to_dict(), "versions": versions(), **extra}
+    atomic_write(run_dir / CONFIG, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
+
+
+def read_config(run_dir: pathlib.Path) -> RNPConfig:
+    run_dir = pathlib.Path(run_dir)
+    path = run_dir / CONFIG
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir} is not a folder. Pass a run folder written by `python -m pyro_rnp.fit`.")
+    if not path.is_file():
+        raise RunError(f"{run_dir} is not a pyro_rnp run folder: it has no {CONFIG}. "
+                       "Pass a folder written by `python -m pyro_rnp.fit` (under runs/ by default).")
+    try:
+        return RNPConfig.from_dict(json.loads(path.read_text())["config"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise RunError(f"{path} is not a valid pyro_rnp config ({e}). Was it edited by hand?") from None
+
+
+def append_metrics(run_dir: pathlib.Path, record: dict) -> None:
+    with open(run_dir / METRICS, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(run_dir: pathlib.Path) -> list[dict]:
+    path = pathlib.Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: pathlib.Path, rnp, optimizer, *, epoch: int, step: int, batch_in_epoch: int,
+                    wall_time_s: float) -> pathlib.Path:
+    """Atomically write the full training state. Refuses non-finite weights, so a good checkpoint
+    is never replaced by a diverged one."""
+    state = rnp.state_dict()
+    bad = [name for name, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    if bad:
+        raise RunError(f"not saving a checkpoint: non-finite values in {', '.join(bad[:3])}"
+                       f"{' ...' if len(bad) > 3 else ''}. The last good checkpoint is kept in {run_dir}.")
+    payload = {
+        "format": FORMAT, "config": rnp.config.to_dict(), "model": state,
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "rng": _rng_state(), "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch,
+        "wall_time_s": wall_time_s, "versions": versions(),
+    }
+    path = pathlib.Path(run_dir) / CHECKPOINT
+    atomic_write(path, lambda p: torch.save(payload, p))
+    return path
+
+
+def load_checkpoint(run_dir: pathlib.Path, map_location="cpu") -> dict:
+    """The checkpoint of a run folder, checked against the folder's config."""
+    run_dir = pathlib.Path(run_dir)
+    config = read_config(run_dir)
+    path = run_dir / CHECKPOINT
+    if not path.is_file():
+        raise RunError(f"{run_dir} has no {CHECKPOINT} yet: the run stopped before its first save. "
+                       "Start it again, or resume a run that has one.")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as e:  # truncated, overwritten or not a torch file at all
+        raise RunError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}). "
+                       "It is corrupt or truncated; start a new run or restore the file.") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT or "model" not in payload:
+        raise RunError(f"{path} is not a pyro_rnp checkpoint (format {FORMAT}).")
+    saved = RNPConfig.from_dict(payload["config"])
+    diff = [f"{k}: checkpoint {getattr(saved, k)!r} vs config.json {getattr(config, k)!r}"
+            for k in RNPConfig.ARCHITECTURE if getattr(saved, k) != getattr(config, k)]
+    if diff:
+        raise RunError(f"{path} does not match {run_dir / CONFIG} ({'; '.join(diff)}). "
+                       "The folder mixes two runs; start a new run.")
+    return payload
+
+
+def load_state(rnp, payload: dict, path="checkpoint") -> None:
+    try:
+        rnp.load_state_dict(payload["model"])
+    except RuntimeError as e:
+        raise RunError(f"{path} does not fit the model built from its config: "
+                       f"{str(e).splitlines()[0][:200]}") from None
+
+
+def load_run(run_dir, device="cpu"):
+    """The trained RNP of a run folder, in eval mode, on ``device``."""
+    from .model import RNP
+    run_dir = pathlib.Path(run_dir)
+    payload = load_checkpoint(run_dir, map_location=device)
+    rnp = RNP(RNPConfig.from_dict(payload["config"]))
+    load_state(rnp, payload, run_dir / CHECKPOINT)
+    return rnp.to(device).eval()

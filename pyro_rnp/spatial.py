@@ -1,0 +1,48 @@
+"""Affine placement of patches on a canvas, and its inverse ("zoom in").
+
+An action is 6 numbers in [-1, 1] read as a 2x3 matrix theta = reshape(a) + s0*[I | 0].
+theta maps canvas coordinates to patch coordinates on the [-1, 1] grid, as
+``affine_grid`` does, so a scale s0 >= 2.3 shrinks the patch by that factor:
+every child is smaller than its parent by construction.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def action_to_theta(action: torch.Tensor, scale_offset: float) -> torch.Tensor:
+    """(..., 6) actions -> (..., 2, 3) affine matrices with s0 added to the diagonal."""
+    theta = action.reshape(*action.shape[:-1], 2, 3)
+    offset = theta.new_tensor([[scale_offset, 0.0, 0.0], [0.0, scale_offset, 0.0]])
+    return theta + offset
+
+
+def invert_theta(theta: torch.Tensor) -> torch.Tensor:
+    """The true inverse [A^-1 | -A^-1 t] of (..., 2, 3) affine maps (closed-form 2x2 inverse).
+
+    The authors' code inverts only the diagonal, which is wrong under rotation or shear.
+    """
+    a, b, tx = theta[..., 0, 0], theta[..., 0, 1], theta[..., 0, 2]
+    c, d, ty = theta[..., 1, 0], theta[..., 1, 1], theta[..., 1, 2]
+    det = a * d - b * c
+    ia, ib, ic, id_ = d / det, -b / det, -c / det, a / det
+    row0 = torch.stack([ia, ib, -(ia * tx + ib * ty)], dim=-1)
+    row1 = torch.stack([ic, id_, -(ic * tx + id_ * ty)], dim=-1)
+    return torch.stack([row0, row1], dim=-2)
+
+
+def warp(image: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Sample (N, 1, H, W) images at theta(canvas grid): bilinear, zeros outside."""
+    grid = F.affine_grid(theta, list(image.shape), align_corners=False)
+    return F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def place(patch: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Draw a (N, 1, H, W) patch onto an empty canvas of the same size under theta."""
+    return warp(patch, theta)
+
+
+def crop(image: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    """Zoom into the region of ``image`` where ``place(., theta)`` puts a patch: place's inverse."""
+    return warp(image, invert_theta(theta))

@@ -1,0 +1,54 @@
+import math
+
+import torch
+
+from pyro_rnp.spatial import action_to_theta, crop, invert_theta, place
+
+
+def random_theta(n, generator):
+    """Actions as the model makes them: sin-bounded, so rotation, shear, scale and shift all vary."""
+    return action_to_theta(torch.sin(3 * torch.randn(n, 6, generator=generator)), 3.3)
+
+
+def test_action_offset_adds_scale_to_the_diagonal():
+    theta = action_to_theta(torch.zeros(2, 6), 3.3)
+    assert torch.allclose(theta, torch.tensor([[3.3, 0, 0], [0, 3.3, 0]]).expand(2, 2, 3))
+
+
+def test_invert_theta_is_the_true_inverse_under_rotation_and_shear():
+    g = torch.Generator().manual_seed(0)
+    theta = random_theta(64, g)
+    inv = invert_theta(theta)
+    bottom = torch.tensor([0.0, 0.0, 1.0]).expand(64, 1, 3)
+    full = torch.cat([theta, bottom], 1)
+    full_inv = torch.cat([inv, bottom], 1)
+    assert torch.allclose(full @ full_inv, torch.eye(3).expand(64, 3, 3), atol=1e-5)
+    # the authors' diagonal-only inverse is not it when off-diagonal terms are present
+    assert theta[:, 0, 1].abs().max() > 0.5
+
+
+def test_place_then_crop_is_close_to_identity_on_interior_patches():
+    g = torch.Generator().manual_seed(1)
+    n = 32
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, 28), torch.linspace(-1, 1, 28), indexing="ij")
+    centre = 0.4 * (torch.rand(n, 2, generator=g) - 0.5)
+    width = 0.35 + 0.1 * torch.rand(n, 1, 1, generator=g)
+    # smooth blobs well inside the patch: what survives a 2.3-4.3x shrink and bilinear resampling
+    patch = torch.exp(-((xs - centre[:, 0, None, None]) ** 2 + (ys - centre[:, 1, None, None]) ** 2)
+                      / (2 * width ** 2)).unsqueeze(1)
+    theta = random_theta(n, g)
+    canvas = place(patch, theta)
+    assert canvas.sum() > 0 and canvas.sum() < patch.sum()  # the patch shrank onto the canvas
+    back = crop(canvas, theta)
+    interior = (xs.abs() < 0.6) & (ys.abs() < 0.6)
+    error = (back - patch)[:, 0][:, interior].abs()
+    assert error.mean() < 0.03, error.mean()
+    assert error.max() < 0.2, error.max()
+
+
+def test_children_are_smaller_than_their_parent():
+    g = torch.Generator().manual_seed(2)
+    theta = random_theta(256, g)
+    area_ratio = torch.linalg.det(theta[:, :, :2]).abs()  # canvas area per unit of patch area
+    assert area_ratio.min() > 1.0
+    assert math.isclose(float(action_to_theta(torch.zeros(1, 6), 3.3)[0, 0, 0]), 3.3, rel_tol=1e-6)
