@@ -13,6 +13,7 @@ DATASETS = ("fashion", "mnist", "omniglot")
 SCHEDULES = ("paper", "quick")
 LIKELIHOODS = ("normal", "bernoulli")
 ACTIVATIONS = ("elu", "linear")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,9 @@ class RNPConfig:
     epochs: int = 200
     batch_size: int = 64
     lr: float = 4e-5
-    lr_warmup_steps: int = 0          # linear warm-up from 0, then constant
+    head_lr_scale: float = 1.0        # the hypernetwork head's learning rate relative to lr (paper: 1)
+    lr_warmup_steps: int = 0          # linear warm-up from 0 over this many steps
+    lr_schedule: str = "constant"     # after warm-up: "constant" (paper) or "cosine" (decay to 0 at the last step)
     grad_clip: float = 0.2            # clamp every gradient element to +-grad_clip (authors' code); 0 disables
     seed: int = 0
     eval_limit: int | None = None     # held-out images evaluated after each epoch (None: all)
@@ -51,6 +54,8 @@ class RNPConfig:
         checks = [
             (self.dataset in DATASETS, f"dataset must be one of {', '.join(DATASETS)}, not {self.dataset!r}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}"),
+            (self.lr_schedule in LR_SCHEDULES,
+             f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, not {self.lr_schedule!r}"),
             (self.likelihood in LIKELIHOODS, f"likelihood must be one of {', '.join(LIKELIHOODS)}, not {self.likelihood!r}"),
             (self.generated_activation in ACTIVATIONS,
              f"generated_activation must be one of {', '.join(ACTIVATIONS)}, not {self.generated_activation!r}"),
@@ -63,6 +68,7 @@ class RNPConfig:
             (self.epochs >= 0, "epochs must be >= 0"),
             (self.batch_size >= 2, "batch_size must be at least 2 (the encoder uses batch norm)"),
             (self.lr > 0, "lr must be positive"),
+            (self.head_lr_scale > 0, "head_lr_scale must be positive"),
             (self.likelihood_scale > 0, "likelihood_scale must be positive"),
             (self.limit is None or self.limit >= 2, "limit must be at least 2"),
         ]
@@ -104,5 +110,7 @@ class RNPConfig:
                     "generated_activation", "encoder_blocks", "encoder_hidden")
 
 
-# The quick schedule: same architecture, a faster learning rate with warm-up, few epochs.
-QUICK = dict(epochs=2, lr=3e-4, lr_warmup_steps=200, eval_limit=2000, figure_every=1)
+# The quick schedule: same architecture, 2 epochs. The hypernetwork head learns at a fifth of the rate
+# of the rest (2e-4 at its peak, the rest 1e-3); warm-up, then cosine decay. Measured in the README.
+QUICK = dict(epochs=2, lr=1e-3, head_lr_scale=0.2, lr_warmup_steps=200, lr_schedule="cosine",
+             eval_limit=2000, figure_every=1)

@@ -8,6 +8,7 @@ Ctrl-C saves the current state (mid-epoch) and says how to resume.
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 import signal
 import sys
@@ -25,12 +26,13 @@ from .evaluate import evaluate
 from .model import RNP
 from .runs import (CHECKPOINT, RunError, append_metrics, load_checkpoint, load_state, new_run_dir, read_config,
                    read_metrics, save_checkpoint, set_rng_state, write_config)
-from .training import TrainStep, make_optimizer
+from .training import TrainStep, make_optimizer, state_finite
 
 MAX_BAD_STEPS = 20  # consecutive non-finite losses before giving up
 
 # CLI flag -> config field; a resumed run refuses any of these that disagree with its config
 CONFIG_FLAGS = {"dataset": "dataset", "preset": "schedule", "batch_size": "batch_size", "lr": "lr",
+                "head_lr_scale": "head_lr_scale",
                 "z_dim": "z_dim", "depth": "depth", "steps": "steps", "hidden": "hidden",
                 "likelihood": "likelihood", "seed": "seed", "limit": "limit"}
 
@@ -73,9 +75,10 @@ def _load_data(config: RNPConfig, data_dir, download: bool):
 
 
 def train(config: RNPConfig, run_dir: pathlib.Path, device: torch.device, data_dir=None, download: bool = True,
-          resume: bool = False, progress: bool = True) -> RNP:
+          resume: bool = False, progress: bool = True, command: str | None = None) -> RNP:
     """Train (or continue) the run in ``run_dir`` to ``config.epochs`` epochs and return the model."""
     train_images, test_images = _load_data(config, data_dir, download)
+    write_config(run_dir, config, command=command, device=str(device))
     if train_images.shape[0] < 2:
         raise TrainingError(f"need at least 2 training images, got {train_images.shape[0]}")
     batch_size = min(config.batch_size, train_images.shape[0])
@@ -86,8 +89,9 @@ def train(config: RNPConfig, run_dir: pathlib.Path, device: torch.device, data_d
 
     torch.manual_seed(config.seed)
     rnp = RNP(config).to(device)
-    optimizer = make_optimizer(rnp, config.lr)
-    step_fn = TrainStep(rnp, optimizer, config.grad_clip, config.lr_warmup_steps, config.lr)
+    optimizer = make_optimizer(rnp, config.lr, config.head_lr_scale)
+    step_fn = TrainStep(rnp, optimizer, config.grad_clip, config.lr_warmup_steps, config.lr_schedule,
+                        total_steps=config.epochs * n_batches)
     epoch, step, start_batch, wall_before = 0, 0, 0, 0.0
     if resume:
         payload = load_checkpoint(run_dir, map_location=device)
@@ -130,11 +134,14 @@ def train(config: RNPConfig, run_dir: pathlib.Path, device: torch.device, data_d
                     total_images += x.shape[0]
                 else:
                     skipped, bad_steps = skipped + 1, bad_steps + 1
-                    tqdm.write(f"warning: non-finite loss at epoch {epoch + 1}, step {step}; update skipped")
-                    if bad_steps >= MAX_BAD_STEPS:
+                    if not state_finite(rnp) or bad_steps >= MAX_BAD_STEPS:
                         raise TrainingError(
-                            f"training diverged: {bad_steps} consecutive non-finite losses at epoch {epoch + 1}. "
-                            f"The last good checkpoint is in {run_dir}; try a lower --lr.")
+                            f"training diverged at epoch {epoch + 1}, step {step}: "
+                            + ("the weights are no longer finite" if not state_finite(rnp)
+                               else f"{bad_steps} consecutive non-finite losses")
+                            + f". The last good checkpoint (if any) is in {run_dir}; "
+                            f"try a lower --lr than {config.lr:g}.")
+                    tqdm.write(f"warning: non-finite loss at epoch {epoch + 1}, step {step}; update skipped")
                 done = b + 1 - start_batch
                 if done == 1:
                     timed_from = time.perf_counter()  # the first step includes one-off setup
@@ -153,7 +160,19 @@ def train(config: RNPConfig, run_dir: pathlib.Path, device: torch.device, data_d
             epoch += 1
             start_batch = 0
             train_time = time.perf_counter() - epoch_start
-            scores = evaluate(rnp, test_images, device=device, progress=progress)
+            diverged = TrainingError(f"training diverged in epoch {epoch}: the model's outputs are no longer "
+                                     f"finite. The last good checkpoint (if any) is in {run_dir}; "
+                                     f"try a lower --lr than {config.lr:g}.")
+            if not state_finite(rnp):
+                raise diverged
+            try:
+                scores = evaluate(rnp, test_images, device=device, progress=progress)
+            except ValueError as e:  # a distribution refused non-finite parameters
+                if "invalid values" in str(e):
+                    raise diverged from None
+                raise
+            if not math.isfinite(scores["neg_elbo"]):
+                raise diverged
             record = {"epoch": epoch, "step": step, "train_loss": total_loss / max(total_images, 1),
                       "test_neg_elbo": scores["neg_elbo"], "test_mse": scores["mse"],
                       "n_test": scores["n_images"], "likelihood": scores["likelihood"],
@@ -211,6 +230,8 @@ def _say_resume(run_dir, path, epoch, step):
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs to train (with --resume: the new total).")
 @click.option("--batch-size", type=click.IntRange(min=2), help="Images per SVI step [preset: 64].")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Adam learning rate [preset].")
+@click.option("--head-lr-scale", type=click.FloatRange(min=0, min_open=True),
+              help="The hypernetwork head's learning rate as a fraction of --lr [paper: 1; quick: 0.125].")
 @click.option("--z-dim", type=click.IntRange(min=1), help="Program vector size |z| [32; 96 for Omniglot].")
 @click.option("--depth", type=click.IntRange(min=1), help="Levels K of the program tree [2].")
 @click.option("--steps", type=click.IntRange(min=1), help="Children per program, tau [4].")
@@ -232,7 +253,7 @@ def _say_resume(run_dir, path, epoch, step):
               help="Held-out images evaluated after each epoch [paper: all; quick: 2000].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
-def main(ctx, dataset, preset, epochs, batch_size, lr, z_dim, depth, steps, hidden, likelihood, device, seed,
+def main(ctx, dataset, preset, epochs, batch_size, lr, head_lr_scale, z_dim, depth, steps, hidden, likelihood, device, seed,
          limit, data_dir, no_download, run_dir, resume_dir, eval_limit, quiet):
     """Train a Recursive Neural Program with SVI (Trace_ELBO) and write a run folder."""
     torch_device = resolve_device(device)
@@ -262,13 +283,11 @@ def main(ctx, dataset, preset, epochs, batch_size, lr, z_dim, depth, steps, hidd
         if (run_dir / CHECKPOINT).exists():
             raise RunError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it, "
                            "or choose another --run-dir.")
-    write_config(run_dir, config, command=" ".join(["python -m pyro_rnp.fit", *sys.argv[1:]]),
-                 device=str(torch_device))
     click.echo(f"Run folder: {run_dir}  ({config.dataset}, preset {config.schedule}, {config.epochs} epochs, "
                f"batch {config.batch_size}, lr {config.lr:g}, depth {config.depth}, likelihood {config.likelihood}, "
                f"device {torch_device})")
     train(config, run_dir, torch_device, data_dir, download=not no_download, resume=resume_dir is not None,
-          progress=not quiet)
+          progress=not quiet, command=" ".join(["python -m pyro_rnp.fit", *sys.argv[1:]]))
     click.echo(f"Done. Figures in {run_dir / 'figures'}; load the model with pyro_rnp.load_run('{run_dir}').")
 
 

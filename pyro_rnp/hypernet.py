@@ -1,9 +1,12 @@
 """The one shared hypernetwork H: program vector z -> weights of a small recurrent machine.
 
-Every generated tensor has a head of its own (a bias-free linear map from H's
-64-d trunk output), so no big output is ever sliced into autograd views: the
-backward of a slice zero-fills a full-size gradient, which costs about a third
-of a straightforward port's step.
+H's trunk maps z to a 64-d code h; one bias-free head maps h to every number of
+the generated program at once (the authors' five weight heads side by side,
+~1.33e5 numbers at paper sizes). The generated layers are read out of that
+product as plain views and applied through two small autograd Functions, so the
+big output is never sliced into autograd views (whose backward zero-fills a
+full-size gradient per slice, a third of a straightforward port's step), and the
+gradient of each generated layer is formed once for all steps that used it.
 """
 from __future__ import annotations
 
@@ -17,59 +20,52 @@ ACTION_DIM = 6
 
 
 @dataclass(frozen=True)
-class GeneratedTensor:
+class GeneratedLayer:
+    """One generated linear layer x (i) -> y (o); with a bias its matrix has an extra last row."""
     name: str
-    shape: tuple[int, ...]
+    inputs: int
+    outputs: int
+    bias: bool
     group: str  # the authors' head that generates it; sets its Glorot scale
 
     @property
+    def rows(self) -> int:
+        return self.inputs + int(self.bias)
+
+    @property
     def numel(self) -> int:
-        return math.prod(self.shape)
+        return self.rows * self.outputs
 
 
-def generated_layout(z_dim: int, hidden: int, embed: int, action_hidden: int, pixels: int) -> list[GeneratedTensor]:
-    """Every tensor of one generated program, grouped as the authors' five weight heads."""
+def generated_layout(z_dim: int, hidden: int, embed: int, action_hidden: int, pixels: int) -> list[GeneratedLayer]:
+    """Every layer of one generated program, grouped as the authors' five weight heads."""
     Z, L, E, AH, P, A = z_dim, hidden, embed, action_hidden, pixels, ACTION_DIM
-    T = GeneratedTensor
+    G = GeneratedLayer
     layout = [
         # patch encoder E: [patch -> L || action -> L] -> 2L -> L -> L -> E
-        T("enc0_w", (P, L), "encoder"), T("enc0_b", (L,), "encoder"),
-        T("enc1_w", (A, L), "encoder"), T("enc1_b", (L,), "encoder"),
-        T("enc2_w", (2 * L, L), "encoder"), T("enc2_b", (L,), "encoder"),
-        T("enc3_w", (L, L), "encoder"), T("enc3_b", (L,), "encoder"),
-        T("enc4_w", (L, E), "encoder"), T("enc4_b", (E,), "encoder"),
+        G("enc0", P, L, True, "encoder"), G("enc1", A, L, True, "encoder"), G("enc2", 2 * L, L, True, "encoder"),
+        G("enc3", L, L, True, "encoder"), G("enc4", L, E, True, "encoder"),
     ]
     for rnn in ("state", "policy"):
-        # Elman cell h' = elu([h, e] W + b); W stacks the recurrent and the input weights
-        layout += [T(f"{rnn}_w", (Z + E, Z), rnn), T(f"{rnn}_b", (Z,), rnn), T(f"{rnn}_h0", (Z,), rnn)]
+        # Elman cell h' = elu([h, e] W + b), and its initial state h0 (a layer with no inputs: just a bias)
+        layout += [G(rnn, Z + E, Z, True, rnn), G(f"{rnn}_h0", 0, Z, True, rnn)]
     layout += [
         # patch decoder D: Z -> L -> L -> L -> P (no bias, ReLU)
-        T("dec0_w", (Z, L), "patch_decoder"), T("dec0_b", (L,), "patch_decoder"),
-        T("dec1_w", (L, L), "patch_decoder"), T("dec1_b", (L,), "patch_decoder"),
-        T("dec2_w", (L, L), "patch_decoder"), T("dec2_b", (L,), "patch_decoder"),
-        T("dec3_w", (L, P), "patch_decoder"),
+        G("dec0", Z, L, True, "patch_decoder"), G("dec1", L, L, True, "patch_decoder"),
+        G("dec2", L, L, True, "patch_decoder"), G("dec3", L, P, False, "patch_decoder"),
         # action decoder T: Z -> AH -> AH -> AH -> 6 (no bias, sin)
-        T("act0_w", (Z, AH), "action_decoder"), T("act0_b", (AH,), "action_decoder"),
-        T("act1_w", (AH, AH), "action_decoder"), T("act1_b", (AH,), "action_decoder"),
-        T("act2_w", (AH, AH), "action_decoder"), T("act2_b", (AH,), "action_decoder"),
-        T("act3_w", (AH, A), "action_decoder"),
+        G("act0", Z, AH, True, "action_decoder"), G("act1", AH, AH, True, "action_decoder"),
+        G("act2", AH, AH, True, "action_decoder"), G("act3", AH, A, False, "action_decoder"),
     ]
     return layout
 
 
-def glorot_(linear: nn.Linear) -> None:
-    """Glorot-uniform weights and zero bias, as the authors' framework initialises Dense layers."""
-    nn.init.xavier_uniform_(linear.weight)
-    if linear.bias is not None:
-        nn.init.zeros_(linear.bias)
-
-
 class _BufferPool:
-    """Reuses the large CPU buffers of generated weights and their gradients across steps.
+    """Reuses the large CPU buffers of generated programs and their gradients across steps.
 
     On CPU a fresh multi-megabyte allocation is page-faulted in on first touch,
-    which cost more than the matrix products that fill it (measured: see
-    pyro_rnp/bench.py). CUDA's caching allocator already reuses memory.
+    which cost more than the matrix products that fill it (measured with
+    ``python -m pyro_rnp.bench --profile``). CUDA's caching allocator already reuses memory.
     """
 
     def __init__(self):
@@ -90,15 +86,16 @@ _POOL = _BufferPool()
 _FAST_BACKWARD = [False]
 
 
-class fast_backward:
-    """A training step's fast path for generated weights (CPU speed, measured in pyro_rnp.bench).
 
-    Inside this context, generated weights made in the forward pass recycle their
-    memory after their backward, and their heads' gradients are added in place
+class fast_backward:
+    """A training step's fast path for generated programs (CPU speed, see pyro_rnp.bench).
+
+    Inside this context, the generated weights made in the forward pass recycle
+    their memory after their backward, and the head's gradient is added in place
     into ``.grad`` instead of going through autograd's accumulation. Use it only
     around one forward and exactly one backward whose gradients go to an
     optimizer: a second backward through the same graph would read recycled
-    memory, and gradient hooks on the heads (DDP's among them) do not fire.
+    memory, and gradient hooks on the head (DDP's among them) do not fire.
     """
 
     def __enter__(self):
@@ -109,95 +106,116 @@ class fast_backward:
         _FAST_BACKWARD[0] = self._before
 
 
-class GeneratedWeight:
-    """Per-sample weights W = (h @ head.T).view(N, i, o) that a program applies at every step.
+class GeneratedPrograms:
+    """The weights of N generated programs: value = h @ head, (N, numel per program).
 
-    Autograd would form a full (N, i, o) gradient at each of the ``steps``
-    applications and add them up. Instead each application's backward keeps its
-    input and output gradient, and the generating node forms dW once, as one
-    batched product over steps, before passing it to the head and to h.
+    ``apply(name, x)`` runs generated layer ``name`` on x (N, inputs). Each
+    application's backward keeps its input and output gradient; the generating
+    node then forms every layer's weight gradient once, over all the steps that
+    used it, in one (N, numel) buffer, and passes it to the head and to h with two
+    matrix products.
     """
 
-    def __init__(self, h: torch.Tensor, head: torch.Tensor, shape: tuple[int, int]):
-        self.shape = shape
-        self.value: torch.Tensor | None = None
+    def __init__(self, h: torch.Tensor, head: torch.Tensor, layout: list[GeneratedLayer]):
+        self.n = h.shape[0]
         self.head = head
-        self.fast = _FAST_BACKWARD[0]
-        self.inputs: list[torch.Tensor] = []
-        self.grads: list[torch.Tensor] = []
+        self.fast = _FAST_BACKWARD[0] and torch.is_grad_enabled()
+        self.layers = {}
+        offset = 0
+        for layer in layout:
+            self.layers[layer.name] = (layer, offset)
+            offset += layer.numel
+        self.value: torch.Tensor | None = None
+        self.views: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.saved = {name: ([], []) for name in self.layers}
         # a zero-size tensor that links every application to the generating node in the graph
         self._handle = _Generate.apply(h, head, self)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N, i) -> x @ W (N, o)."""
-        return _Apply.apply(x, self._handle, self)
+    def _make_views(self) -> None:
+        """Each layer as (weight (N, inputs, outputs), bias (N, 1, outputs) or None): views of the value."""
+        for name, (layer, offset) in self.layers.items():
+            block = self.value[:, offset:offset + layer.numel].view(self.n, layer.rows, layer.outputs)
+            bias = block[:, layer.inputs:] if layer.bias else None
+            self.views[name] = (block[:, :layer.inputs], bias)
+
+    def apply(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return _Apply.apply(x, self._handle, self, name)
 
 
 class _Generate(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, head, holder):
-        if holder.fast:
-            value = torch.mm(h, head, out=_POOL.take((h.shape[0], head.shape[1]), h))
-        else:
-            value = torch.mm(h, head)
-        holder.value = value.view(h.shape[0], *holder.shape)
-        ctx.holder = holder
+    def forward(ctx, h, head, programs):
+        shape = (h.shape[0], head.shape[1])
+        out = _POOL.take(shape, h) if programs.fast else h.new_empty(shape)
+        programs.value = torch.mm(h, head, out=out)
+        programs._make_views()
+        ctx.programs = programs
         ctx.save_for_backward(h, head)
         return h.new_empty(0)
 
     @staticmethod
     def backward(ctx, _):
-        holder = ctx.holder
+        programs = ctx.programs
         h, head = ctx.saved_tensors
-        if not holder.inputs:
-            return None, None, None
-        xs = torch.stack(holder.inputs, dim=1)           # (N, T, i)
-        gs = torch.stack(holder.grads, dim=1)            # (N, T, o)
-        holder.inputs, holder.grads = [], []
-        # (N, i*o): the sum over steps, formed once (a transposed view is the fast bmm layout)
-        n, (i, o) = h.shape[0], holder.shape
-        grad_w = _POOL.take((n, i, o), h)
-        torch.bmm(xs.transpose(1, 2), gs, out=grad_w)
-        grad_w = grad_w.view(n, i * o)
-        grad_h = torch.mm(grad_w, head.t()) if ctx.needs_input_grad[0] else None
+        n = h.shape[0]
+        grad = _POOL.take((n, head.shape[1]), h) if programs.fast else h.new_empty((n, head.shape[1]))
+        for name, (layer, offset) in programs.layers.items():
+            block = grad[:, offset:offset + layer.numel].view(n, layer.rows, layer.outputs)
+            xs, gs = programs.saved[name]
+            if not gs:
+                block.zero_()
+                continue
+            g = torch.stack(gs, dim=1)                                    # (N, T, o)
+            if layer.inputs:
+                # the sum over steps of x_t^T g_t, formed once (a transposed view is the fast bmm layout)
+                torch.bmm(torch.stack(xs, dim=1).transpose(1, 2), g, out=block[:, :layer.inputs])
+            if layer.bias:
+                torch.sum(g, dim=1, out=block[:, layer.inputs])
+        programs.saved = {name: ([], []) for name in programs.layers}
+        grad_h = torch.mm(grad, head.t()) if ctx.needs_input_grad[0] else None
         grad_head = None
         if ctx.needs_input_grad[1]:
-            param = holder.head
-            if holder.fast and param.grad is not None:
-                param.grad.addmm_(h.t(), grad_w)  # in place: a fresh buffer would be page-faulted in
-            elif holder.fast:
-                param.grad = torch.mm(h.t(), grad_w)
+            param = programs.head
+            if programs.fast and param.grad is not None:
+                param.grad.addmm_(h.t(), grad)  # in place: a fresh buffer would be page-faulted in
+            elif programs.fast:
+                param.grad = torch.mm(h.t(), grad)
             else:
-                grad_head = torch.mm(h.t(), grad_w)
-        _POOL.give(grad_w.view(n, i, o))
-        if holder.fast:
-            _POOL.give(holder.value.view(n, i * o))
-            holder.value = None
+                grad_head = torch.mm(h.t(), grad)
+        if programs.fast:
+            _POOL.give(grad)
+            _POOL.give(programs.value)
+            programs.value, programs.views = None, {}
         return grad_h, grad_head, None
 
 
 class _Apply(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, handle, holder):
-        ctx.holder = holder
+    def forward(ctx, x, handle, programs, name):
+        w, b = programs.views[name]
+        x3 = x.unsqueeze(1)
+        y = torch.bmm(x3, w) if b is None else torch.baddbmm(b, x3, w)
+        ctx.programs, ctx.name = programs, name
         ctx.save_for_backward(x)
-        return torch.bmm(x.unsqueeze(1), holder.value).squeeze(1)
+        return y.squeeze(1)
 
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
-        holder = ctx.holder
+        programs, name = ctx.programs, ctx.name
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = torch.bmm(grad.unsqueeze(1), holder.value.transpose(1, 2)).squeeze(1)
+            w, _ = programs.views[name]
+            grad_x = torch.bmm(grad.unsqueeze(1), w.transpose(1, 2)).squeeze(1)
         if ctx.needs_input_grad[1]:
-            holder.inputs.append(x)
-            holder.grads.append(grad)
-        return grad_x, grad.new_empty(0), None
+            xs, gs = programs.saved[name]
+            xs.append(x)
+            gs.append(grad)
+        return grad_x, grad.new_empty(0), None, None
 
 
 class HyperNetwork(nn.Module):
-    """H: LayerNorm-ELU MLP trunk with one head per generated tensor, plus the a0 and x0 heads."""
+    """H: LayerNorm-ELU MLP trunk, one head for all generated layers, plus the a0 and x0 heads."""
 
     def __init__(self, z_dim: int, hidden: int = 64, embed: int = 32, action_hidden: int = 32, pixels: int = 784):
         super().__init__()
@@ -208,9 +226,8 @@ class HyperNetwork(nn.Module):
         trunk += [nn.LayerNorm(L), nn.ELU()]
         self.trunk = nn.Sequential(*trunk)
         self.layout = generated_layout(z_dim, hidden, embed, action_hidden, pixels)
-        # heads stored as (hidden, numel) so that both the forward and the head's gradient are
-        # plain row-major products (the transposed gradient product was 5x slower on CPU)
-        self.heads = nn.ParameterDict({t.name: nn.Parameter(torch.empty(L, t.numel)) for t in self.layout})
+        # stored (hidden, numel) so that the forward and the head's gradient are plain row-major products
+        self.head = nn.Parameter(torch.empty(L, sum(layer.numel for layer in self.layout)))
         self.initial_action = nn.Sequential(nn.Linear(L, L), nn.LayerNorm(L), nn.ELU(),
                                             nn.Linear(L, ACTION_DIM, bias=False))
         self.initial_patch = nn.Sequential(nn.Linear(L, L), nn.LayerNorm(L), nn.ELU(),
@@ -218,30 +235,35 @@ class HyperNetwork(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        group_size: dict[str, int] = {}
-        for t in self.layout:
-            group_size[t.group] = group_size.get(t.group, 0) + t.numel
+        """Glorot-uniform weights and zero biases, as the authors' framework initialises Dense layers.
+
+        Each group of the head gets the bound of the authors' whole group head
+        (fan-out ~65k for the encoder): that keeps the generated networks' gain
+        small; PyTorch's default init makes it ~13x larger and training diverges.
+        """
         for m in self.modules():
             if isinstance(m, nn.Linear):
-                glorot_(m)
-        for t in self.layout:
-            # Glorot with the fan-out of the authors' whole group head: keeps the generated gain small
-            bound = math.sqrt(6.0 / (self.heads[t.name].shape[0] + group_size[t.group]))
-            nn.init.uniform_(self.heads[t.name], -bound, bound)
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        group_size: dict[str, int] = {}
+        for layer in self.layout:
+            group_size[layer.group] = group_size.get(layer.group, 0) + layer.numel
+        offset = 0
+        with torch.no_grad():
+            for layer in self.layout:
+                bound = math.sqrt(6.0 / (self.head.shape[0] + group_size[layer.group]))
+                self.head[:, offset:offset + layer.numel].uniform_(-bound, bound)
+                offset += layer.numel
 
     @property
     def numel_per_program(self) -> int:
-        return sum(t.numel for t in self.layout)
+        return self.head.shape[1]
 
     def forward(self, z: torch.Tensor):
-        """(N, z_dim) -> ({name: GeneratedWeight or (N, *shape) tensor}, a0 (N, 6) in [-1, 1], x0 (N, pixels) >= 0).
-
-        Matrices come as GeneratedWeight (call it on a batch of inputs); vectors as tensors.
-        """
+        """(N, z_dim) -> (GeneratedPrograms, a0 (N, 6) in [-1, 1], x0 (N, pixels) >= 0)."""
         h = self.trunk(z)
-        n = z.shape[0]
-        weights = {t.name: GeneratedWeight(h, self.heads[t.name], t.shape) if len(t.shape) == 2
-                   else torch.mm(h, self.heads[t.name]) for t in self.layout}
+        programs = GeneratedPrograms(h, self.head, self.layout)
         a0 = torch.sin(self.initial_action(h))
         x0 = torch.relu(self.initial_patch(h))
-        return weights, a0, x0
+        return programs, a0, x0

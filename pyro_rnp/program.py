@@ -14,34 +14,33 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .hypernet import HyperNetwork
+from .hypernet import GeneratedPrograms, HyperNetwork
 from .spatial import action_to_theta, crop, place
-
-
-def _linear(x: torch.Tensor, w, b: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-sample linear layer: x (N, i) @ W (N, i, o) + b (N, o), W a GeneratedWeight."""
-    y = w(x)
-    return y if b is None else y + b
 
 
 class GeneratedNetworks:
     """The small networks that H writes for a batch of N programs (one set per program)."""
 
-    def __init__(self, weights: dict[str, torch.Tensor], activation: Callable[[torch.Tensor], torch.Tensor]):
-        self.w = weights
+    def __init__(self, programs: GeneratedPrograms, activation: Callable[[torch.Tensor], torch.Tensor]):
+        self.layer = programs.apply
         self.act = activation
+        self.empty = programs.head.new_empty(programs.n, 0)
+
+    def initial_state(self, name: str) -> torch.Tensor:
+        """h0 of the "state" or "policy" RNN."""
+        return self.layer(f"{name}_h0", self.empty)
 
     def encode(self, patch: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """E(patch, action): the sensory input both RNNs read."""
-        w, act = self.w, self.act
-        h = torch.cat([_linear(patch, w["enc0_w"], w["enc0_b"]), _linear(action, w["enc1_w"], w["enc1_b"])], dim=1)
-        h = _linear(act(h), w["enc2_w"], w["enc2_b"])
-        h = _linear(act(h), w["enc3_w"], w["enc3_b"])
-        return _linear(act(h), w["enc4_w"], w["enc4_b"])
+        layer, act = self.layer, self.act
+        h = torch.cat([layer("enc0", patch), layer("enc1", action)], dim=1)
+        h = layer("enc2", act(h))
+        h = layer("enc3", act(h))
+        return layer("enc4", act(h))
 
     def rnn(self, name: str, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """Elman cell h' = elu([h, e] W + b) for ``name`` in {"state", "policy"}."""
-        return F.elu(_linear(torch.cat([h, e], dim=1), self.w[f"{name}_w"], self.w[f"{name}_b"]))
+        return F.elu(self.layer(name, torch.cat([h, e], dim=1)))
 
     def decode_patch(self, z: torch.Tensor) -> torch.Tensor:
         """D(z): a 28x28 patch (flattened), non-negative."""
@@ -52,10 +51,10 @@ class GeneratedNetworks:
         return self._mlp(h, "act", torch.sin)
 
     def _mlp(self, h: torch.Tensor, prefix: str, out) -> torch.Tensor:
-        """Three hidden layers with biases, then a bias-free output layer and ``out``."""
+        """Three hidden layers, then the output layer and ``out``."""
         for k in range(3):
-            h = self.act(_linear(h, self.w[f"{prefix}{k}_w"], self.w[f"{prefix}{k}_b"]))
-        return out(_linear(h, self.w[f"{prefix}3_w"]))
+            h = self.act(self.layer(f"{prefix}{k}", h))
+        return out(self.layer(f"{prefix}3", h))
 
 
 @dataclass
@@ -140,9 +139,9 @@ class ProgramExecutor(nn.Module):
 
     def _run(self, z, level, target, part_error, record):
         n, size = z.shape[0], self.image_size
-        weights, action, patch = self.hypernet(z)
-        nets = GeneratedNetworks(weights, self._act)
-        h_state, h_policy = weights["state_h0"], weights["policy_h0"]
+        programs, action, patch = self.hypernet(z)
+        nets = GeneratedNetworks(programs, self._act)
+        h_state, h_policy = nets.initial_state("state"), nets.initial_state("policy")
         patch = patch.view(n, 1, size, size)
         canvas = 0.0
         errors, child_terms = [], []

@@ -1,6 +1,8 @@
 """One SVI training step (Trace_ELBO, Adam, gradient clamp), shared by the fit loop and the benchmark."""
 from __future__ import annotations
 
+import math
+
 import torch
 from pyro.infer import Trace_ELBO
 
@@ -8,9 +10,20 @@ from .hypernet import fast_backward
 from .model import RNP
 
 
-def make_optimizer(rnp: RNP, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(rnp: RNP, lr: float, head_lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """Adam; the hypernetwork's head may take smaller steps than the rest (``head_lr_scale``).
+
+    Every generated weight sums the head over H's 64 trunk units, so one Adam step
+    (about lr per head element) moves it by up to lr * sum|h|; at lr 3e-4 that
+    diverged within 100-200 steps from some initialisations (measured), while
+    the head at lr/8 and the rest at up to 1e-3 trained stably.
+    """
+    head = rnp.executor.hypernet.head
+    rest = [p for p in rnp.parameters() if p is not head]
+    groups = [{"params": rest, "lr": lr, "base_lr": lr},
+              {"params": [head], "lr": lr * head_lr_scale, "base_lr": lr * head_lr_scale}]
     # the fused kernel does Adam's update in one pass over ~10M head weights instead of several
-    return torch.optim.Adam(rnp.parameters(), lr=lr, fused=True)
+    return torch.optim.Adam(groups, lr=lr, fused=True)
 
 
 class TrainStep:
@@ -22,20 +35,30 @@ class TrainStep:
     """
 
     def __init__(self, rnp: RNP, optimizer: torch.optim.Optimizer, grad_clip: float = 0.2,
-                 warmup_steps: int = 0, base_lr: float | None = None):
+                 warmup_steps: int = 0, schedule: str = "constant", total_steps: int | None = None):
         self.rnp = rnp
         self.optimizer = optimizer
         self.grad_clip = grad_clip
         self.elbo = Trace_ELBO()
         self.warmup_steps = warmup_steps
-        self.base_lr = base_lr if base_lr is not None else optimizer.param_groups[0]["lr"]
+        self.schedule = schedule
+        self.total_steps = total_steps
         self.params = [p for p in rnp.parameters() if p.requires_grad]
+        self.buffers = list(rnp.buffers())
+
+    def lr_scale(self, step: int) -> float:
+        """Linear warm-up over the first warmup_steps; then constant, or a cosine decay to 0 at total_steps."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.schedule == "cosine" and self.total_steps:
+            progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
 
     def set_lr_for(self, step: int) -> None:
-        """Linear warm-up over the first warmup_steps, then the base learning rate."""
-        scale = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps > 0 else 1.0
+        scale = self.lr_scale(step)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.base_lr * scale
+            group["lr"] = group.setdefault("base_lr", group["lr"]) * scale
 
     def __call__(self, x: torch.Tensor, step: int = 0) -> tuple[torch.Tensor, bool]:
         """Returns (loss summed over the batch, detached; whether the update was applied)."""
@@ -43,14 +66,29 @@ class TrainStep:
         self.set_lr_for(step)
         # zero in place: the head gradients are large, and fresh buffers cost page faults on CPU
         self.optimizer.zero_grad(set_to_none=False)
+        # batch-norm statistics move during the forward pass: keep them to undo a step that is not applied
+        buffers = [(b, b.clone()) for b in self.buffers]
         with fast_backward():
-            loss = self.elbo.differentiable_loss(self.rnp.model, self.rnp.guide, x)
+            try:
+                loss = self.elbo.differentiable_loss(self.rnp.model, self.rnp.guide, x)
+            except ValueError as e:  # a distribution refused non-finite parameters
+                if "invalid values" not in str(e):
+                    raise
+                loss = torch.tensor(float("nan"))
             finite = bool(torch.isfinite(loss))
             if finite:
                 loss.backward()
         if not finite:
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
             return loss.detach(), False
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_value_(self.params, self.grad_clip)
         self.optimizer.step()
         return loss.detach(), True
+
+
+def state_finite(module: torch.nn.Module) -> bool:
+    """Whether every parameter and floating-point buffer (batch-norm statistics) is finite."""
+    tensors = [*module.parameters(), *(b for b in module.buffers() if b.is_floating_point())]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)

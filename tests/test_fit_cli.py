@@ -117,6 +117,7 @@ def test_missing_data_says_where_it_looked(tmp_path):
     assert out.returncode == 1
     assert str(empty) in out.stderr and "PYRO_RNP_DATA" in out.stderr and "--data-dir" in out.stderr
     assert "train-images-idx3-ubyte" in out.stderr and "Traceback" not in out.stderr
+    assert not (tmp_path / "r").exists()  # nothing written for a run that could not start
 
 
 def test_ctrl_c_saves_a_loadable_checkpoint_and_resumes(tmp_path):

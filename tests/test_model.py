@@ -6,7 +6,7 @@ from pyro.infer import Trace_ELBO
 
 from conftest import tiny_config
 from pyro_rnp import RNP, RNPConfig
-from pyro_rnp.hypernet import GeneratedWeight, HyperNetwork, fast_backward
+from pyro_rnp.hypernet import GeneratedLayer, GeneratedPrograms, HyperNetwork, fast_backward
 from pyro_rnp.training import TrainStep, make_optimizer
 
 
@@ -54,23 +54,29 @@ def test_every_parameter_gets_a_finite_gradient(depth, fashion_images):
             assert p.grad.abs().sum() > 0, f"{name} has an all-zero gradient (fast={fast})"
 
 
-def test_generated_weight_gradients_match_plain_autograd():
-    """The hand-written backward (one dW for all steps, in-place head gradients) is exact."""
-    torch.manual_seed(0)
-    n, i, o, hidden = 4, 5, 3, 6
+def test_generated_layer_gradients_match_plain_autograd():
+    """The hand-written backward (one gradient per layer over all steps, in-place head gradient) is exact."""
+    n, hidden = 4, 6
+    layout = [GeneratedLayer("a", 5, 3, True, "g"), GeneratedLayer("b", 3, 4, False, "g"),
+              GeneratedLayer("h0", 0, 4, True, "g"), GeneratedLayer("unused", 2, 2, True, "g")]
+    numel = sum(layer.numel for layer in layout)
 
     def run(mode):
         torch.manual_seed(1)
         h = torch.randn(n, hidden, dtype=torch.float64, requires_grad=True)
-        head = torch.nn.Parameter(torch.randn(hidden, i * o, dtype=torch.float64))
-        xs = [torch.randn(n, i, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+        head = torch.nn.Parameter(torch.randn(hidden, numel, dtype=torch.float64))
+        xs = [torch.randn(n, 5, dtype=torch.float64, requires_grad=True) for _ in range(3)]
         if mode == "plain":
-            w = (h @ head).view(n, i, o)
-            ys = [torch.bmm(x.unsqueeze(1), w).squeeze(1) for x in xs]
+            value = h @ head
+            wa, wb, h0 = value[:, :18].view(n, 6, 3), value[:, 18:30].view(n, 3, 4), value[:, 30:34]
+            layer_a = lambda x: torch.bmm(x.unsqueeze(1), wa[:, :5]).squeeze(1) + wa[:, 5]
+            layer_b = lambda x: torch.bmm(x.unsqueeze(1), wb).squeeze(1)
         else:
-            w = GeneratedWeight(h, head, (i, o))
-            ys = [w(x) for x in xs]
-        loss = sum((y.sin() * (k + 1)).sum() for k, y in enumerate(ys))
+            programs = GeneratedPrograms(h, head, layout)
+            layer_a = lambda x: programs.apply("a", x)
+            layer_b = lambda x: programs.apply("b", x)
+            h0 = programs.apply("h0", h.new_empty(n, 0))
+        loss = sum((layer_b(layer_a(x)).sin() * (k + 1) * h0).sum() for k, x in enumerate(xs))
         loss.backward()
         return [h.grad, head.grad] + [x.grad for x in xs]
 

@@ -45,10 +45,10 @@ def test_elbo_estimators(rnp, fashion_images, elbo):
 
 def test_svi_with_pyro_optim(rnp, fashion_images):
     svi = SVI(rnp.model, rnp.guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
-    before = rnp.executor.hypernet.heads["enc0_w"].detach().clone()
+    before = rnp.executor.hypernet.head.detach().clone()
     losses = [svi.step(fashion_images[:8]) for _ in range(3)]
     assert all(torch.isfinite(torch.tensor(losses)))
-    assert not torch.equal(before, rnp.executor.hypernet.heads["enc0_w"])
+    assert not torch.equal(before, rnp.executor.hypernet.head)
 
 
 def test_predictive_posterior_and_prior(rnp, fashion_images):

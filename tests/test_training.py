@@ -1,0 +1,64 @@
+"""Training stability: schedules, divergence detection, and never saving a diverged model."""
+import pytest
+import torch
+
+from conftest import SHARED_DATA, tiny_config
+from pyro_rnp import RNP
+from pyro_rnp.cli import TrainingError
+from pyro_rnp.fit import train
+from pyro_rnp.runs import RunError, load_checkpoint, save_checkpoint
+from pyro_rnp.training import TrainStep, make_optimizer
+
+
+def test_warmup_then_cosine_schedule():
+    rnp = RNP(tiny_config())
+    step = TrainStep(rnp, make_optimizer(rnp, 1e-3), warmup_steps=10, schedule="cosine", total_steps=110)
+    assert step.lr_scale(0) == pytest.approx(0.1)
+    assert step.lr_scale(9) == pytest.approx(1.0)
+    assert step.lr_scale(60) == pytest.approx(0.5)
+    assert step.lr_scale(110) == pytest.approx(0.0, abs=1e-9)
+    constant = TrainStep(rnp, make_optimizer(rnp, 1e-3), warmup_steps=10)
+    assert constant.lr_scale(1000) == 1.0
+
+
+def test_a_non_finite_batch_is_skipped_not_applied(fashion_images):
+    rnp = RNP(tiny_config())
+    step = TrainStep(rnp, make_optimizer(rnp, 1e-3))
+    before = {k: v.clone() for k, v in rnp.state_dict().items()}
+    x = fashion_images[:8].clone()
+    x[0, 0, 0, 0] = float("nan")
+    _, applied = step(x)
+    assert not applied
+    for k, v in rnp.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_divergence_stops_with_a_clear_error(tmp_path):
+    config = tiny_config(lr=1e3, grad_clip=0, limit=64, epochs=5, eval_limit=16)
+    with pytest.raises(TrainingError, match="diverged.*lower --lr"):
+        train(config, tmp_path / "run", torch.device("cpu"), SHARED_DATA, download=False, progress=False)
+
+
+def test_a_diverged_model_never_overwrites_a_good_checkpoint(tmp_path):
+    rnp = RNP(tiny_config())
+    optimizer = make_optimizer(rnp, 1e-3)
+    (tmp_path / "config.json").write_text('{"config": %s}' % __import__("json").dumps(rnp.config.to_dict()))
+    save_checkpoint(tmp_path, rnp, optimizer, epoch=1, step=10, batch_in_epoch=0, wall_time_s=1.0)
+    good = (tmp_path / "checkpoint.pt").read_bytes()
+    with torch.no_grad():
+        rnp.executor.hypernet.head[0, 0] = float("nan")
+    with pytest.raises(RunError, match="non-finite"):
+        save_checkpoint(tmp_path, rnp, optimizer, epoch=2, step=20, batch_in_epoch=0, wall_time_s=2.0)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == good
+    assert load_checkpoint(tmp_path)["step"] == 10
+
+
+def test_the_head_learns_at_its_own_rate():
+    rnp = RNP(tiny_config())
+    optimizer = make_optimizer(rnp, 1e-3, head_lr_scale=0.125)
+    head_group = [g for g in optimizer.param_groups if any(p is rnp.executor.hypernet.head for p in g["params"])]
+    assert len(head_group) == 1 and head_group[0]["lr"] == pytest.approx(1.25e-4)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(rnp.parameters()))
+    step = TrainStep(rnp, optimizer, warmup_steps=10)
+    step.set_lr_for(4)  # half-way through the warm-up: both rates scale together
+    assert sorted(g["lr"] for g in optimizer.param_groups) == pytest.approx([0.625e-4, 5e-4])
