@@ -7,7 +7,7 @@ architecture. Override single fields with ``dataclasses.replace``.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 DATASETS = ("fashion", "mnist", "omniglot")
 SCHEDULES = ("paper", "quick")

@@ -1,0 +1,36 @@
+"""Every guide runs as written: its bash blocks in order, then its Python blocks, from a folder
+laid out like a checkout (with ../shared beside it)."""
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, SHARED_DATA
+
+GUIDES = sorted((REPO / "guides").glob("*.md"))
+
+
+def blocks(text: str, language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
+
+
+@pytest.mark.parametrize("guide", GUIDES, ids=[g.name for g in GUIDES])
+def test_guide_runs_as_written(guide, tmp_path):
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} not found")
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    (tmp_path / "shared").symlink_to(SHARED_DATA.parent)
+    env = dict(os.environ, PATH=f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}")
+    text = guide.read_text()
+    script = "set -euo pipefail\n" + "\n".join(blocks(text, "bash"))
+    out = subprocess.run(["bash", "-c", script], cwd=checkout, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    for code in blocks(text, "python"):
+        out = subprocess.run([sys.executable, "-c", code], cwd=checkout, env=dict(env, PYRO_RNP_DATA=str(SHARED_DATA)),
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
