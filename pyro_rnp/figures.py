@@ -1,5 +1,8 @@
-"""Figures a person looks at: reconstructions and samples with each top-level part in its own
-colour (blue, red, green, orange, as in the paper), and training curves."""
+"""Figures a person looks at: parses, reconstructions and samples with each part in its own colour
+(blue, red, green, orange, as in the paper), and training curves.
+
+    python -m pyro_rnp.figures RUN_DIR [--which parse,samples]
+"""
 from __future__ import annotations
 
 import pathlib
@@ -11,6 +14,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import click  # noqa: E402
+
+from .cli import run  # noqa: E402
 from .files import atomic_write  # noqa: E402
 
 PART_COLOURS = [(0.12, 0.35, 1.0), (1.0, 0.15, 0.1), (0.1, 0.8, 0.2), (1.0, 0.6, 0.0)]
@@ -82,3 +88,90 @@ def plot_curves(metrics: list[dict], path) -> pathlib.Path:
     atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
     plt.close(fig)
     return path
+
+
+def plot_parse(rnp, x: torch.Tensor, path, title: str = "parses of held-out images") -> pathlib.Path:
+    """The paper's Fig. 3, at every level: for each image, a row with the data, its reconstruction
+    and its parts in colour; then a row per lower level with every program of that level in a box
+    (framed in its own colour within its parent) showing its children in colour."""
+    tree = rnp.parse(x)
+    levels = tree.levels()
+    mean = rnp.likelihood.mean(tree.canvas).cpu()
+    top = colour_parts(tree.placed)
+    boxes = [[colour_parts(node.placed) for node in nodes] for nodes in levels[1:]]
+    steps = tree.theta.shape[1]
+    frame = part_colours(steps)
+    columns = max(3, max((len(nodes) for nodes in levels[1:]), default=0))
+    rows = x.shape[0] * len(levels)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.05 * columns, 1.1 * rows + 0.5), squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([]), ax.set_yticks([])
+        ax.set_frame_on(False)
+    for i in range(x.shape[0]):
+        r = i * len(levels)
+        for c, (image, label) in enumerate([(x[i, 0].cpu().numpy(), "data"), (mean[i, 0].numpy(), "reconstruction"),
+                                            (top[i], "parts")]):
+            axes[r, c].imshow(np.clip(image, 0, 1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            if i == 0:
+                axes[r, c].set_title(label, fontsize=7)
+        for k, level_boxes in enumerate(boxes, start=1):
+            for j, box in enumerate(level_boxes):
+                ax = axes[r + k, j]
+                ax.imshow(box[i], interpolation="nearest")
+                ax.set_frame_on(True)
+                for spine in ax.spines.values():
+                    spine.set_edgecolor(frame[j % steps])
+                    spine.set_linewidth(2.5)
+            axes[r + k, 0].set_ylabel(f"level {len(levels) - k}", fontsize=6)
+    fig.suptitle(title + " (boxes: each program's own parts)", fontsize=9)
+    fig.tight_layout()
+    path = pathlib.Path(path)
+    atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
+    plt.close(fig)
+    return path
+
+
+FIGURES = ("parse", "samples")
+
+
+@click.command(name="pyro_rnp.figures", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("run_dir", type=click.Path(path_type=pathlib.Path))
+@click.option("--which", default=",".join(FIGURES), show_default=True,
+              help=f"Comma-separated figures to draw, from: {', '.join(FIGURES)}.")
+@click.option("--n", "n_images", type=click.IntRange(min=1, max=64), default=6, show_default=True,
+              help="Images per figure.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--data-dir", type=click.Path(file_okay=False, path_type=pathlib.Path), envvar="PYRO_RNP_DATA",
+              show_envvar=True, help="Folder with the datasets in torchvision's layout.")
+@click.option("--no-download", is_flag=True, help="Never download; fail if the data is not in --data-dir.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for prior samples.")
+def main(run_dir, which, n_images, device, data_dir, no_download, seed):
+    """Draw the paper's figures for the run in RUN_DIR into RUN_DIR/figures/<name>.png."""
+    from . import data as datasets
+    from .fit import resolve_device
+    from .runs import load_run, read_config
+
+    names = [w.strip() for w in which.split(",") if w.strip()]
+    unknown = [w for w in names if w not in FIGURES]
+    if unknown or not names:
+        raise click.BadParameter(f"unknown figure {', '.join(unknown) or repr(which)}; choose from "
+                                 f"{', '.join(FIGURES)}", param_hint="--which")
+    torch_device = resolve_device(device)
+    config = read_config(run_dir)
+    rnp = load_run(run_dir, device=torch_device)
+    folder = pathlib.Path(run_dir) / "figures"
+    folder.mkdir(exist_ok=True)
+    written = []
+    if "parse" in names:
+        x = datasets.load_images(config.dataset, "test", data_dir, not no_download, n_images,
+                                 config.exclude_classes).tensors[0].to(torch_device)
+        written.append(plot_parse(rnp, x, folder / "parse.png"))
+    if "samples" in names:
+        torch.manual_seed(seed)
+        written.append(plot_samples(rnp, n_images, folder / "samples.png"))
+    for path in written:
+        click.echo(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -34,7 +34,7 @@ MAX_BAD_STEPS = 20  # consecutive non-finite losses before giving up
 CONFIG_FLAGS = {"dataset": "dataset", "preset": "schedule", "batch_size": "batch_size", "lr": "lr",
                 "head_lr_scale": "head_lr_scale",
                 "z_dim": "z_dim", "depth": "depth", "steps": "steps", "hidden": "hidden",
-                "likelihood": "likelihood", "seed": "seed", "limit": "limit"}
+                "likelihood": "likelihood", "seed": "seed", "limit": "limit", "exclude_classes": "exclude_classes"}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,6 +44,22 @@ def resolve_device(name: str) -> torch.device:
         raise click.BadParameter("CUDA is not available on this machine; use --device cpu or auto",
                                  param_hint="--device")
     return torch.device(name)
+
+
+class ClassList(click.ParamType):
+    """A comma-separated list of non-negative class labels, as a tuple of ints."""
+    name = "LABELS"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, tuple):
+            return value
+        try:
+            labels = tuple(sorted({int(v) for v in str(value).split(",") if v.strip()}))
+        except ValueError:
+            self.fail(f"{value!r} is not a comma-separated list of class labels", param, ctx)
+        if not labels or min(labels) < 0:
+            self.fail(f"{value!r} is not a comma-separated list of class labels", param, ctx)
+        return labels
 
 
 class StopRequest:
@@ -242,6 +258,8 @@ def _say_resume(run_dir, path, epoch, step):
               help="auto picks CUDA when available.")
 @click.option("--seed", type=int, help="Random seed for initialisation, shuffling and sampling [0].")
 @click.option("--limit", type=click.IntRange(min=2), help="Use only the first N training images.")
+@click.option("--exclude-classes", type=ClassList(), help="Comma-separated labels to leave out of training and "
+              "held-out data, e.g. 7 or 7,8 (for transfer experiments).")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=pathlib.Path), envvar="PYRO_RNP_DATA",
               show_envvar=True, help="Folder with the datasets in torchvision's layout [~/.cache/pyro_rnp/data].")
 @click.option("--no-download", is_flag=True, help="Never download; fail if the data is not in --data-dir.")
@@ -254,7 +272,7 @@ def _say_resume(run_dir, path, epoch, step):
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
 def main(ctx, dataset, preset, epochs, batch_size, lr, head_lr_scale, z_dim, depth, steps, hidden, likelihood, device, seed,
-         limit, data_dir, no_download, run_dir, resume_dir, eval_limit, quiet):
+         limit, exclude_classes, data_dir, no_download, run_dir, resume_dir, eval_limit, quiet):
     """Train a Recursive Neural Program with SVI (Trace_ELBO) and write a run folder."""
     torch_device = resolve_device(device)
     given = {name: ctx.params[name] for name in CONFIG_FLAGS
