@@ -35,13 +35,15 @@ class TrainStep:
     """
 
     def __init__(self, rnp: RNP, optimizer: torch.optim.Optimizer, grad_clip: float = 0.2,
-                 warmup_steps: int = 0, schedule: str = "constant", total_steps: int | None = None):
+                 warmup_steps: int = 0, schedule: str = "constant", total_steps: int | None = None,
+                 frozen: tuple[torch.nn.Module, ...] = ()):
         self.rnp = rnp
         self.optimizer = optimizer
         self.grad_clip = grad_clip
         self.elbo = Trace_ELBO()
         self.warmup_steps = warmup_steps
         self.schedule = schedule
+        self.frozen = frozen  # submodules kept in eval mode (their parameters are not trained)
         self.total_steps = total_steps
         self.params = [p for p in rnp.parameters() if p.requires_grad]
         self.buffers = list(rnp.buffers())
@@ -63,6 +65,8 @@ class TrainStep:
     def __call__(self, x: torch.Tensor, step: int = 0) -> tuple[torch.Tensor, bool]:
         """Returns (loss summed over the batch, detached; whether the update was applied)."""
         self.rnp.train()
+        for module in self.frozen:
+            module.eval()
         self.set_lr_for(step)
         # zero in place: the head gradients are large, and fresh buffers cost page faults on CPU
         self.optimizer.zero_grad(set_to_none=False)
