@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import json
 import pathlib
 
 import matplotlib
@@ -131,7 +132,65 @@ def plot_parse(rnp, x: torch.Tensor, path, title: str = "parses of held-out imag
     return path
 
 
-FIGURES = ("parse", "samples")
+@torch.no_grad()
+def program_vectors(rnp, x: torch.Tensor, batch_size: int = 64):
+    """Top-level programs z (posterior means) and their child programs z_t, with what each draws:
+    (vectors (M, z_dim), level of each (M,), canvases (M, 28, 28))."""
+    vectors, levels, canvases = [], [], []
+    for start in range(0, x.shape[0], batch_size):
+        tree = rnp.parse(x[start:start + batch_size])
+        for nodes in tree.levels()[:2]:
+            for node in nodes:
+                vectors.append(node.z.cpu())
+                levels.append(torch.full((node.z.shape[0],), node.level))
+                canvases.append(rnp.likelihood.mean(node.canvas)[:, 0].cpu())
+    return torch.cat(vectors), torch.cat(levels), torch.cat(canvases)
+
+
+def plot_tsne(rnp, x: torch.Tensor, path, seed: int = 0, clusters: int = 8) -> tuple[pathlib.Path, dict]:
+    """The paper's Fig. 4a: t-SNE of top-level and child program vectors, coloured by level, with the
+    program nearest each k-means centre of the embedding drawn beside it; and the held-out accuracy
+    of a linear probe that tells the two levels apart (the claim the figure makes)."""
+    from sklearn.cluster import KMeans
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.manifold import TSNE
+    from sklearn.model_selection import train_test_split
+
+    vectors, levels, canvases = program_vectors(rnp, x)
+    v, y = vectors.numpy(), levels.numpy()
+    train_v, test_v, train_y, test_y = train_test_split(v, y, test_size=0.3, random_state=seed, stratify=y)
+    probe = LogisticRegression(max_iter=2000).fit(train_v, train_y)
+    accuracy = float(probe.score(test_v, test_y))
+    embedding = TSNE(n_components=2, random_state=seed, init="pca",
+                     perplexity=min(30.0, (len(v) - 1) / 3)).fit_transform(v)
+    kmeans = KMeans(n_clusters=min(clusters, len(v)), random_state=seed, n_init=4).fit(embedding)
+    fig = plt.figure(figsize=(10, 5))
+    ax = fig.add_axes([0.05, 0.1, 0.55, 0.8])
+    names = {int(level): ("top-level programs" if level == rnp.config.depth else f"level-{int(level)} programs")
+             for level in np.unique(y)}
+    for level, colour in zip(sorted(names, reverse=True), ["tab:purple", "tab:orange", "tab:cyan"]):
+        mask = y == level
+        ax.scatter(embedding[mask, 0], embedding[mask, 1], s=4, alpha=0.6, color=colour, label=names[level])
+    ax.legend(fontsize=8, markerscale=3)
+    ax.set_title(f"t-SNE of program vectors; linear probe tells levels apart with "
+                 f"{100 * accuracy:.1f}% held-out accuracy", fontsize=9)
+    ax.set_xticks([]), ax.set_yticks([])
+    for k, centre in enumerate(kmeans.cluster_centers_):
+        nearest = int(np.argmin(((embedding - centre) ** 2).sum(1)))
+        ax.annotate(str(k + 1), centre, fontsize=9, weight="bold")
+        inset = fig.add_axes([0.63 + 0.09 * (k % 4), 0.55 - 0.42 * (k // 4), 0.08, 0.35])
+        inset.imshow(canvases[nearest].clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+        inset.set_xticks([]), inset.set_yticks([])
+        inset.set_title(f"{k + 1}: level {int(y[nearest])}", fontsize=7)
+    path = pathlib.Path(path)
+    atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
+    plt.close(fig)
+    summary = {"probe_accuracy": accuracy, "probe": "logistic regression, 70/30 split, held-out accuracy",
+               "n_vectors": int(len(v)), **{f"n_level_{int(k)}": int((y == k).sum()) for k in np.unique(y)}}
+    return path, summary
+
+
+FIGURES = ("parse", "samples", "tsne")
 
 
 @click.command(name="pyro_rnp.figures", context_settings={"help_option_names": ["-h", "--help"]})
@@ -144,8 +203,10 @@ FIGURES = ("parse", "samples")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=pathlib.Path), envvar="PYRO_RNP_DATA",
               show_envvar=True, help="Folder with the datasets in torchvision's layout.")
 @click.option("--no-download", is_flag=True, help="Never download; fail if the data is not in --data-dir.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for prior samples.")
-def main(run_dir, which, n_images, device, data_dir, no_download, seed):
+@click.option("--tsne-images", type=click.IntRange(min=10), default=300, show_default=True,
+              help="Held-out images whose programs (top level and children) go into the t-SNE and the probe.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for prior samples, t-SNE, probe.")
+def main(run_dir, which, n_images, device, data_dir, no_download, tsne_images, seed):
     """Draw the paper's figures for the run in RUN_DIR into RUN_DIR/figures/<name>.png."""
     from . import data as datasets
     from .fit import resolve_device
@@ -169,6 +230,19 @@ def main(run_dir, which, n_images, device, data_dir, no_download, seed):
     if "samples" in names:
         torch.manual_seed(seed)
         written.append(plot_samples(rnp, n_images, folder / "samples.png"))
+    summaries = {}
+    if "tsne" in names:
+        x = datasets.load_images(config.dataset, "test", data_dir, not no_download, tsne_images,
+                                 config.exclude_classes).tensors[0].to(torch_device)
+        path, summaries["tsne"] = plot_tsne(rnp, x, folder / "tsne.png", seed)
+        written.append(path)
+        click.echo(f"linear probe, top-level vs child programs: {100 * summaries['tsne']['probe_accuracy']:.1f}% "
+                   f"held-out accuracy ({summaries['tsne']['n_vectors']} vectors)")
+    if summaries:
+        record_path = pathlib.Path(run_dir) / "figures.json"
+        record = json.loads(record_path.read_text()) if record_path.exists() else {}
+        record.update(summaries)
+        atomic_write(record_path, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
     for path in written:
         click.echo(f"wrote {path}")
 

@@ -1,4 +1,5 @@
 """Figures: the parse at every level, prior samples, and the command's errors."""
+import json
 import subprocess
 import sys
 
@@ -33,12 +34,15 @@ def test_figures_command(tmp_path):
     run_dir = tmp_path / "run"
     train(tiny_config(limit=32, epochs=1, eval_limit=8), run_dir, torch.device("cpu"), SHARED_DATA,
           download=False, progress=False)
-    out = subprocess.run([sys.executable, "-m", "pyro_rnp.figures", str(run_dir), "--n", "3",
+    out = subprocess.run([sys.executable, "-m", "pyro_rnp.figures", str(run_dir), "--n", "3", "--tsne-images", "30",
                           "--data-dir", str(SHARED_DATA), "--no-download"],
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr
-    for name in ("parse.png", "samples.png"):
+    for name in ("parse.png", "samples.png", "tsne.png"):
         assert (run_dir / "figures" / name).stat().st_size > 1000
+    probe = json.loads((run_dir / "figures.json").read_text())["tsne"]
+    assert 0 <= probe["probe_accuracy"] <= 1
+    assert probe["n_level_2"] == 30 and probe["n_level_1"] == 30 * 3  # tiny_config: 3 children per program
     bad = subprocess.run([sys.executable, "-m", "pyro_rnp.figures", str(run_dir), "--which", "parse,nope"],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert bad.returncode == 2 and "unknown figure nope" in bad.stderr and "parse, samples" in bad.stderr
