@@ -19,7 +19,7 @@ import pyro.poutine as poutine
 import torch
 from tqdm.auto import tqdm
 
-from .cli import run
+from .cli import open_run, run, run_folder_options
 
 MAX_PROGRAMS = 256  # images x particles run at once: about 0.3 GB at paper sizes
 
@@ -76,26 +76,18 @@ def _summary(elbo, iwae, se) -> dict:
 
 
 @click.command(name="pyro_rnp.evaluate", context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("run_dir", type=click.Path(path_type=pathlib.Path))
+@run_folder_options
 @click.option("--iw-samples", type=click.IntRange(min=1), default=1, show_default=True,
               help="Importance samples K per image for the IWAE bound (K=1: the ELBO).")
 @click.option("--limit", type=click.IntRange(min=1), help="Use the first N held-out images [all].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=pathlib.Path), envvar="PYRO_RNP_DATA",
-              show_envvar=True, help="Folder with the datasets in torchvision's layout.")
-@click.option("--no-download", is_flag=True, help="Never download; fail if the data is not in --data-dir.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for the guide's samples.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line instead of a table.")
 def main(run_dir, iw_samples, limit, device, data_dir, no_download, seed, as_json):
     """Held-out -ELBO, IWAE bound and MSE of the run in RUN_DIR, overall and per class; also written
     to RUN_DIR/eval.json."""
     from . import data as datasets
-    from .fit import resolve_device
-    from .runs import load_run, read_config
 
-    torch_device = resolve_device(device)
-    config = read_config(run_dir)
-    rnp = load_run(run_dir, device=torch_device)
+    config, rnp, torch_device = open_run(run_dir, device)
     test = datasets.load_images(config.dataset, "test", data_dir, not no_download, limit, config.exclude_classes)
     images, labels = test.tensors
     pyro.set_rng_seed(seed)

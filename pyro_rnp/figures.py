@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 import click  # noqa: E402
 
-from .cli import run  # noqa: E402
+from .cli import open_run, run, run_folder_options  # noqa: E402
 from .files import atomic_write  # noqa: E402
 
 PART_COLOURS = [(0.12, 0.35, 1.0), (1.0, 0.15, 0.1), (0.1, 0.8, 0.2), (1.0, 0.6, 0.0)]
@@ -37,6 +37,14 @@ def colour_parts(placed: torch.Tensor) -> np.ndarray:
     return rgb.clamp(0, 1).numpy()
 
 
+def save_figure(fig, path) -> pathlib.Path:
+    """Write a matplotlib figure as PNG atomically (an interrupted run leaves the old one) and close it."""
+    path = pathlib.Path(path)
+    atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
+    plt.close(fig)
+    return path
+
+
 def _grid(rows: list[tuple[str, np.ndarray]], path: pathlib.Path, title: str) -> pathlib.Path:
     """rows of (label, images (B, H, W[, 3])) -> one PNG, written atomically."""
     n = max(len(images) for _, images in rows)
@@ -51,10 +59,7 @@ def _grid(rows: list[tuple[str, np.ndarray]], path: pathlib.Path, title: str) ->
                 ax.set_ylabel(label, fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = pathlib.Path(path)
-    atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_reconstructions(rnp, x: torch.Tensor, path, title: str = "held-out reconstructions") -> pathlib.Path:
@@ -85,10 +90,7 @@ def plot_curves(metrics: list[dict], path) -> pathlib.Path:
     if metrics:
         fig.suptitle(f"likelihood: {metrics[-1].get('likelihood', '?')}", fontsize=9)
     fig.tight_layout()
-    path = pathlib.Path(path)
-    atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_parse(rnp, x: torch.Tensor, path, title: str = "parses of held-out images") -> pathlib.Path:
@@ -126,10 +128,7 @@ def plot_parse(rnp, x: torch.Tensor, path, title: str = "parses of held-out imag
             axes[r + k, 0].set_ylabel(f"level {len(levels) - k}", fontsize=6)
     fig.suptitle(title + " (boxes: each program's own parts)", fontsize=9)
     fig.tight_layout()
-    path = pathlib.Path(path)
-    atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 @torch.no_grad()
@@ -182,9 +181,7 @@ def plot_tsne(rnp, x: torch.Tensor, path, seed: int = 0, clusters: int = 8) -> t
         inset.imshow(canvases[nearest].clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
         inset.set_xticks([]), inset.set_yticks([])
         inset.set_title(f"{k + 1}: level {int(y[nearest])}", fontsize=7)
-    path = pathlib.Path(path)
-    atomic_write(path, lambda p: fig.savefig(p, dpi=100, format="png"))
-    plt.close(fig)
+    path = save_figure(fig, path)
     summary = {"probe_accuracy": accuracy, "probe": "logistic regression, 70/30 split, held-out accuracy",
                "n_vectors": int(len(v)), **{f"n_level_{int(k)}": int((y == k).sum()) for k in np.unique(y)}}
     return path, summary
@@ -194,32 +191,24 @@ FIGURES = ("parse", "samples", "tsne")
 
 
 @click.command(name="pyro_rnp.figures", context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("run_dir", type=click.Path(path_type=pathlib.Path))
+@run_folder_options
 @click.option("--which", default=",".join(FIGURES), show_default=True,
               help=f"Comma-separated figures to draw, from: {', '.join(FIGURES)}.")
 @click.option("--n", "n_images", type=click.IntRange(min=1, max=64), default=6, show_default=True,
               help="Images per figure.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=pathlib.Path), envvar="PYRO_RNP_DATA",
-              show_envvar=True, help="Folder with the datasets in torchvision's layout.")
-@click.option("--no-download", is_flag=True, help="Never download; fail if the data is not in --data-dir.")
 @click.option("--tsne-images", type=click.IntRange(min=10), default=300, show_default=True,
               help="Held-out images whose programs (top level and children) go into the t-SNE and the probe.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for prior samples, t-SNE, probe.")
 def main(run_dir, which, n_images, device, data_dir, no_download, tsne_images, seed):
     """Draw the paper's figures for the run in RUN_DIR into RUN_DIR/figures/<name>.png."""
     from . import data as datasets
-    from .fit import resolve_device
-    from .runs import load_run, read_config
 
     names = [w.strip() for w in which.split(",") if w.strip()]
     unknown = [w for w in names if w not in FIGURES]
     if unknown or not names:
         raise click.BadParameter(f"unknown figure {', '.join(unknown) or repr(which)}; choose from "
                                  f"{', '.join(FIGURES)}", param_hint="--which")
-    torch_device = resolve_device(device)
-    config = read_config(run_dir)
-    rnp = load_run(run_dir, device=torch_device)
+    config, rnp, torch_device = open_run(run_dir, device)
     folder = pathlib.Path(run_dir) / "figures"
     folder.mkdir(exist_ok=True)
     written = []

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import data as datasets
 from . import figures
-from .cli import TrainingError, run
+from .cli import TrainingError, resolve_device, run
 from .config import DATASETS, LIKELIHOODS, SCHEDULES, RNPConfig
 from .evaluate import evaluate
 from .model import RNP
@@ -35,15 +35,6 @@ CONFIG_FLAGS = {"dataset": "dataset", "preset": "schedule", "batch_size": "batch
                 "head_lr_scale": "head_lr_scale",
                 "z_dim": "z_dim", "depth": "depth", "steps": "steps", "hidden": "hidden",
                 "likelihood": "likelihood", "seed": "seed", "limit": "limit", "exclude_classes": "exclude_classes"}
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter("CUDA is not available on this machine; use --device cpu or auto",
-                                 param_hint="--device")
-    return torch.device(name)
 
 
 class ClassList(click.ParamType):

@@ -23,7 +23,8 @@ import torch  # noqa: E402
 from pyro.infer import Predictive  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from .cli import run  # noqa: E402
+from .cli import open_run, run, run_folder_options  # noqa: E402
+from .figures import save_figure  # noqa: E402
 from .files import atomic_write  # noqa: E402
 
 MAX_PROGRAMS = 256  # images x samples per pass
@@ -115,9 +116,7 @@ def plot_ppc(arrays, keep, folder: pathlib.Path, samples: int) -> list[pathlib.P
             if i == 0:
                 axes[i, j].set_title("observed" if j == 0 else f"replicate {j}", fontsize=8)
     fig.tight_layout()
-    replicates_path = folder / "ppc_replicates.png"
-    atomic_write(replicates_path, lambda p: fig.savefig(p, dpi=100, format="png"))
-    plt.close(fig)
+    replicates_path = save_figure(fig, folder / "ppc_replicates.png")
 
     fig, axes = plt.subplots(2, len(arrays), figsize=(2.6 * len(arrays), 5), squeeze=False)
     for k, (name, (p, obs, rep, prior)) in enumerate(arrays.items()):
@@ -131,34 +130,24 @@ def plot_ppc(arrays, keep, folder: pathlib.Path, samples: int) -> list[pathlib.P
         axes[1, k].hist(p.numpy(), bins=20, range=(0, 1), color="gray")
         axes[1, k].set_xlabel("posterior predictive p-value", fontsize=8)
     fig.tight_layout()
-    stats_path = folder / "ppc_statistics.png"
-    atomic_write(stats_path, lambda p: fig.savefig(p, dpi=100, format="png"))
-    plt.close(fig)
+    stats_path = save_figure(fig, folder / "ppc_statistics.png")
     return [replicates_path, stats_path]
 
 
 @click.command(name="pyro_rnp.ppc", context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("run_dir", type=click.Path(path_type=pathlib.Path))
+@run_folder_options
 @click.option("--samples", type=click.IntRange(min=2), default=20, show_default=True,
               help="Replicated images per held-out image.")
 @click.option("--limit", type=click.IntRange(min=1), default=500, show_default=True,
               help="Use the first N held-out images.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=pathlib.Path), envvar="PYRO_RNP_DATA",
-              show_envvar=True, help="Folder with the datasets in torchvision's layout.")
-@click.option("--no-download", is_flag=True, help="Never download; fail if the data is not in --data-dir.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print ppc.json as one line instead of a table.")
 def main(run_dir, samples, limit, device, data_dir, no_download, seed, as_json):
     """Posterior and prior predictive checks of the run in RUN_DIR: writes RUN_DIR/ppc.json and
     RUN_DIR/figures/ppc_*.png."""
     from . import data as datasets
-    from .fit import resolve_device
-    from .runs import load_run, read_config
 
-    torch_device = resolve_device(device)
-    config = read_config(run_dir)
-    rnp = load_run(run_dir, device=torch_device)
+    config, rnp, torch_device = open_run(run_dir, device)
     images = datasets.load_images(config.dataset, "test", data_dir, not no_download, limit,
                                   config.exclude_classes).tensors[0]
     pyro.set_rng_seed(seed)

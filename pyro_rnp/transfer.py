@@ -15,7 +15,7 @@ import click
 import torch
 from tqdm.auto import tqdm
 
-from .cli import run
+from .cli import open_run, run, run_folder_options
 from .evaluate import evaluate
 from .files import atomic_write
 from .training import TrainStep
@@ -66,7 +66,7 @@ def plot_transfer(rnp, x: torch.Tensor, before: dict, path) -> pathlib.Path:
 
 
 @click.command(name="pyro_rnp.transfer", context_settings={"help_option_names": ["-h", "--help"]})
-@click.argument("run_dir", type=click.Path(path_type=pathlib.Path))
+@run_folder_options
 @click.option("--classes", required=True, help="Comma-separated unseen labels, e.g. 7.")
 @click.option("--epochs", type=click.IntRange(min=1), default=3, show_default=True,
               help="Passes over the unseen classes' training images.")
@@ -74,22 +74,16 @@ def plot_transfer(rnp, x: torch.Tensor, before: dict, path) -> pathlib.Path:
 @click.option("--limit", type=click.IntRange(min=1), help="Use the first N training images of the unseen classes.")
 @click.option("--eval-limit", type=click.IntRange(min=1), default=1000, show_default=True,
               help="Held-out images evaluated for each of seen and unseen.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=pathlib.Path), envvar="PYRO_RNP_DATA",
-              show_envvar=True, help="Folder with the datasets in torchvision's layout.")
-@click.option("--no-download", is_flag=True, help="Never download; fail if the data is not in --data-dir.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def main(run_dir, classes, epochs, lr, limit, eval_limit, device, data_dir, no_download, seed, quiet):
     """Adapt only the encoder of the run in RUN_DIR to classes it never saw; write RUN_DIR/transfer.json
     and RUN_DIR/figures/transfer.png."""
     from . import data as datasets
-    from .fit import ClassList, resolve_device
-    from .runs import load_run, read_config
+    from .fit import ClassList
 
     unseen = ClassList().convert(classes, None, None)
-    torch_device = resolve_device(device)
-    config = read_config(run_dir)
+    config, rnp, torch_device = open_run(run_dir, device)
     missing = sorted(set(unseen) - set(config.exclude_classes))
     if missing:
         raise click.BadParameter(
@@ -99,7 +93,6 @@ def main(run_dir, classes, epochs, lr, limit, eval_limit, device, data_dir, no_d
     if config.dataset == "omniglot":
         raise click.BadParameter("transfer runs on mnist and fashion runs (Omniglot's test set has other classes)",
                                  param_hint="RUN_DIR")
-    rnp = load_run(run_dir, device=torch_device)
     not_unseen = tuple(c for c in range(len(datasets.class_names(config.dataset))) if c not in unseen)
 
     def load(split, exclude, n):
