@@ -69,3 +69,14 @@ def open_run(run_dir, device: str):
     torch_device = resolve_device(device)
     config = read_config(run_dir)
     return config, load_run(run_dir, device=torch_device), torch_device
+
+
+def held_out(config, data_dir, download: bool, limit: int | None = None):
+    """The held-out (images, labels) a command on a run reads: the first ``limit`` test images
+    without the run's excluded classes; for a run whose guide was fitted to fixed images
+    (autonormal), those images only."""
+    from . import data as datasets
+    exclude = config.exclude_classes
+    if config.guide == "autonormal":
+        limit, exclude = min(limit or config.limit, config.limit), ()
+    return datasets.load_images(config.dataset, "test", data_dir, download, limit, exclude).tensors

@@ -37,6 +37,15 @@ class RNPConfig:
     likelihood: str = "normal"        # "normal" (sigma=likelihood_scale; 0.5 is the paper's loss) or "bernoulli"
     likelihood_scale: float = 0.5
     part_weight: float = 1.0          # weight of the part-level regulariser (a pyro.factor)
+    # components (components.py): what p(z), q(z | x) and the decoder are
+    prior: str = "normal"             # normal (paper), mog, vamp, flow
+    prior_components: int = 16        # K for mog and vamp
+    flow_layers: int = 2              # transforms in the flow prior and in the IAF guide
+    guide: str = "resnet"             # resnet (paper), resnet-lowrank, resnet-iaf, autonormal
+    guide_rank: int = 4               # rank of the low-rank guide's covariance factor
+    decoder: str = "rnp"              # rnp (paper) or mlp (the baseline VAE)
+    decoder_hidden: int = 512         # width of the mlp decoder
+    plugins: tuple[str, ...] = ()     # user modules that register components, imported before building
     # training
     schedule: str = "paper"           # the preset the training settings came from: "paper" or "quick"
     epochs: int = 200
@@ -71,11 +80,14 @@ class RNPConfig:
             (self.head_lr_scale > 0, "head_lr_scale must be positive"),
             (self.likelihood_scale > 0, "likelihood_scale must be positive"),
             (self.limit is None or self.limit >= 2, "limit must be at least 2"),
+            (min(self.prior_components, self.flow_layers, self.guide_rank, self.decoder_hidden) >= 1,
+             "prior_components, flow_layers, guide_rank and decoder_hidden must be positive"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
         object.__setattr__(self, "exclude_classes", tuple(int(c) for c in self.exclude_classes))
+        object.__setattr__(self, "plugins", tuple(str(p) for p in self.plugins))
 
     @classmethod
     def preset(cls, dataset: str, schedule: str = "paper", **overrides) -> "RNPConfig":
@@ -95,6 +107,7 @@ class RNPConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["exclude_classes"] = list(self.exclude_classes)
+        d["plugins"] = list(self.plugins)
         return d
 
     @classmethod
@@ -107,7 +120,8 @@ class RNPConfig:
 
     # fields that define the model's parameters: a checkpoint fits only a config that agrees on these
     ARCHITECTURE = ("z_dim", "depth", "steps", "hidden", "embed", "action_hidden", "image_size",
-                    "generated_activation", "encoder_blocks", "encoder_hidden")
+                    "generated_activation", "encoder_blocks", "encoder_hidden", "prior", "prior_components",
+                    "flow_layers", "guide", "guide_rank", "decoder", "decoder_hidden")
 
 
 # The quick schedule: same architecture, 2 epochs. The hypernetwork head learns at a fifth of the rate

@@ -19,7 +19,7 @@ import pyro.poutine as poutine
 import torch
 from tqdm.auto import tqdm
 
-from .cli import open_run, run, run_folder_options
+from .cli import held_out, open_run, run, run_folder_options
 
 MAX_PROGRAMS = 256  # images x particles run at once: about 0.3 GB at paper sizes
 
@@ -88,8 +88,7 @@ def main(run_dir, iw_samples, limit, device, data_dir, no_download, seed, as_jso
     from . import data as datasets
 
     config, rnp, torch_device = open_run(run_dir, device)
-    test = datasets.load_images(config.dataset, "test", data_dir, not no_download, limit, config.exclude_classes)
-    images, labels = test.tensors
+    images, labels = held_out(config, data_dir, not no_download, limit)
     pyro.set_rng_seed(seed)
     result = evaluate(rnp, images, labels, iw_samples, device=torch_device, progress=not as_json)
     result.update(run_dir=str(run_dir), dataset=config.dataset, split="test", seed=seed)

@@ -17,7 +17,7 @@ import torch  # noqa: E402
 
 import click  # noqa: E402
 
-from .cli import open_run, run, run_folder_options  # noqa: E402
+from .cli import held_out, open_run, run, run_folder_options  # noqa: E402
 from .files import atomic_write  # noqa: E402
 
 PART_COLOURS = [(0.12, 0.35, 1.0), (1.0, 0.15, 0.1), (0.1, 0.8, 0.2), (1.0, 0.6, 0.0)]
@@ -63,7 +63,11 @@ def _grid(rows: list[tuple[str, np.ndarray]], path: pathlib.Path, title: str) ->
 
 
 def plot_reconstructions(rnp, x: torch.Tensor, path, title: str = "held-out reconstructions") -> pathlib.Path:
-    """Data, reconstruction, and the top-level parts in colour, for a few images x (B, 1, 28, 28)."""
+    """Data, reconstruction, and the top-level parts in colour, for a few images x (B, 1, 28, 28).
+    A decoder without parts (the mlp baseline) gets the first two rows."""
+    if not rnp.has_parts:
+        rows = [("data", x[:, 0].cpu().numpy()), ("reconstruction", rnp.reconstruct(x)[:, 0].cpu().numpy())]
+        return _grid(rows, path, title)
     tree = rnp.parse(x)
     mean = rnp.likelihood.mean(tree.canvas)
     rows = [("data", x[:, 0].cpu().numpy()), ("reconstruction", mean[:, 0].cpu().numpy()),
@@ -72,6 +76,10 @@ def plot_reconstructions(rnp, x: torch.Tensor, path, title: str = "held-out reco
 
 
 def plot_samples(rnp, n: int, path, title: str = "samples, z ~ prior") -> pathlib.Path:
+    if not rnp.has_parts:
+        with torch.no_grad():
+            mean = rnp.likelihood.mean(rnp.decode(rnp.sample_z(n), record=False).canvas)
+        return _grid([("sample", mean[:, 0].cpu().numpy())], path, title)
     tree = rnp.sample(n)
     mean = rnp.likelihood.mean(tree.canvas)
     rows = [("sample", mean[:, 0].cpu().numpy()), ("parts", colour_parts(tree.placed))]
@@ -187,7 +195,7 @@ def plot_tsne(rnp, x: torch.Tensor, path, seed: int = 0, clusters: int = 8) -> t
     return path, summary
 
 
-FIGURES = ("parse", "samples", "tsne")
+FIGURES = ("parse", "samples", "tsne", "clusters", "interpolate", "library")
 
 
 @click.command(name="pyro_rnp.figures", context_settings={"help_option_names": ["-h", "--help"]})
@@ -196,12 +204,13 @@ FIGURES = ("parse", "samples", "tsne")
               help=f"Comma-separated figures to draw, from: {', '.join(FIGURES)}.")
 @click.option("--n", "n_images", type=click.IntRange(min=1, max=64), default=6, show_default=True,
               help="Images per figure.")
-@click.option("--tsne-images", type=click.IntRange(min=10), default=300, show_default=True,
-              help="Held-out images whose programs (top level and children) go into the t-SNE and the probe.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for prior samples, t-SNE, probe.")
-def main(run_dir, which, n_images, device, data_dir, no_download, tsne_images, seed):
+@click.option("--program-images", "--tsne-images", "tsne_images", type=click.IntRange(min=10), default=300,
+              show_default=True, help="Held-out images whose programs go into tsne, clusters, interpolate and library.")
+@click.option("--clusters", type=click.IntRange(min=2), default=8, show_default=True,
+              help="k-means clusters per level for clusters, interpolate and library.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for prior samples, t-SNE, probe, k-means.")
+def main(run_dir, which, n_images, device, data_dir, no_download, tsne_images, clusters, seed):
     """Draw the paper's figures for the run in RUN_DIR into RUN_DIR/figures/<name>.png."""
-    from . import data as datasets
 
     names = [w.strip() for w in which.split(",") if w.strip()]
     unknown = [w for w in names if w not in FIGURES]
@@ -209,24 +218,44 @@ def main(run_dir, which, n_images, device, data_dir, no_download, tsne_images, s
         raise click.BadParameter(f"unknown figure {', '.join(unknown) or repr(which)}; choose from "
                                  f"{', '.join(FIGURES)}", param_hint="--which")
     config, rnp, torch_device = open_run(run_dir, device)
+    needs_parts = [name for name in names if name != "samples"]
+    if needs_parts and not rnp.has_parts:
+        raise click.BadParameter(f"the run's {config.decoder} decoder draws no parts, so it has no "
+                                 f"{', '.join(needs_parts)} figure; only samples", param_hint="--which")
     folder = pathlib.Path(run_dir) / "figures"
     folder.mkdir(exist_ok=True)
     written = []
     if "parse" in names:
-        x = datasets.load_images(config.dataset, "test", data_dir, not no_download, n_images,
-                                 config.exclude_classes).tensors[0].to(torch_device)
+        x = held_out(config, data_dir, not no_download, n_images)[0].to(torch_device)
         written.append(plot_parse(rnp, x, folder / "parse.png"))
     if "samples" in names:
         torch.manual_seed(seed)
         written.append(plot_samples(rnp, n_images, folder / "samples.png"))
     summaries = {}
     if "tsne" in names:
-        x = datasets.load_images(config.dataset, "test", data_dir, not no_download, tsne_images,
-                                 config.exclude_classes).tensors[0].to(torch_device)
+        x = held_out(config, data_dir, not no_download, tsne_images)[0].to(torch_device)
         path, summaries["tsne"] = plot_tsne(rnp, x, folder / "tsne.png", seed)
         written.append(path)
         click.echo(f"linear probe, top-level vs child programs: {100 * summaries['tsne']['probe_accuracy']:.1f}% "
                    f"held-out accuracy ({summaries['tsne']['n_vectors']} vectors)")
+    space = [name for name in ("clusters", "interpolate", "library") if name in names]
+    if space:
+        from . import library
+        x = held_out(config, data_dir, not no_download, tsne_images)[0].to(torch_device)
+        programs = library.gather_programs(rnp, x)
+        clusterings = [library.cluster(group, clusters, seed) for group in programs]
+        depth = config.depth
+        if "clusters" in names:
+            written.append(library.plot_clusters(programs, clusterings, depth, folder / "clusters.png", seed=seed))
+        if "interpolate" in names:
+            written.append(library.plot_interpolation(rnp, clusterings, folder / "interpolate.png"))
+        if "library" in names:
+            written.append(library.plot_library(programs, clusterings, depth, folder / "library.png"))
+            summaries["library"] = {"n_images": int(x.shape[0]), "clusters_per_level": clusters,
+                                    "levels": library.library_summary(clusterings, depth)}
+            for level, s in summaries["library"]["levels"].items():
+                click.echo(f"{level}: {s['clusters']} clusters, effective number of primitives "
+                           f"{s['effective_primitives']:.1f}")
     if summaries:
         record_path = pathlib.Path(run_dir) / "figures.json"
         record = json.loads(record_path.read_text()) if record_path.exists() else {}

@@ -18,6 +18,7 @@ import click
 import torch
 from tqdm.auto import tqdm
 
+from . import components
 from . import data as datasets
 from . import figures
 from .cli import TrainingError, resolve_device, run
@@ -34,7 +35,9 @@ MAX_BAD_STEPS = 20  # consecutive non-finite losses before giving up
 CONFIG_FLAGS = {"dataset": "dataset", "preset": "schedule", "batch_size": "batch_size", "lr": "lr",
                 "head_lr_scale": "head_lr_scale",
                 "z_dim": "z_dim", "depth": "depth", "steps": "steps", "hidden": "hidden",
-                "likelihood": "likelihood", "seed": "seed", "limit": "limit", "exclude_classes": "exclude_classes"}
+                "likelihood": "likelihood", "seed": "seed", "limit": "limit", "exclude_classes": "exclude_classes",
+                "prior": "prior", "prior_components": "prior_components", "flow_layers": "flow_layers",
+                "guide": "guide", "guide_rank": "guide_rank", "decoder": "decoder", "plugins": "plugins"}
 
 
 class ClassList(click.ParamType):
@@ -238,13 +241,25 @@ def _say_resume(run_dir, path, epoch, step):
 @click.option("--batch-size", type=click.IntRange(min=2), help="Images per SVI step [preset: 64].")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Adam learning rate [preset].")
 @click.option("--head-lr-scale", type=click.FloatRange(min=0, min_open=True),
-              help="The hypernetwork head's learning rate as a fraction of --lr [paper: 1; quick: 0.125].")
+              help="The hypernetwork head's learning rate as a fraction of --lr [paper: 1; quick: 0.2].")
 @click.option("--z-dim", type=click.IntRange(min=1), help="Program vector size |z| [32; 96 for Omniglot].")
 @click.option("--depth", type=click.IntRange(min=1), help="Levels K of the program tree [2].")
 @click.option("--steps", type=click.IntRange(min=1), help="Children per program, tau [4].")
 @click.option("--hidden", type=click.IntRange(min=1), help="Width of the hypernetwork and generated layers [64].")
 @click.option("--likelihood", type=click.Choice(LIKELIHOODS),
               help="normal: Gaussian with sigma 0.5 (the paper's loss); bernoulli: binarised pixels [normal].")
+@click.option("--prior", help="p(z): normal (paper), mog, vamp, flow, or one registered by a --plugin [normal].")
+@click.option("--prior-components", type=click.IntRange(min=1), help="K for --prior mog and vamp [16].")
+@click.option("--flow-layers", type=click.IntRange(min=1), help="Transforms in --prior flow and --guide resnet-iaf [2].")
+@click.option("--guide", help="q(z | x): resnet (paper), resnet-lowrank, resnet-iaf, autonormal (needs --from), "
+              "or one registered by a --plugin [resnet].")
+@click.option("--guide-rank", type=click.IntRange(min=1), help="Covariance rank of --guide resnet-lowrank [4].")
+@click.option("--decoder", help="rnp (paper) or mlp (the baseline VAE) [rnp].")
+@click.option("--plugin", "plugins", multiple=True,
+              help="A .py file or module that registers priors, guides or decoders (repeatable); recorded in the "
+                   "run so that load_run imports it again.")
+@click.option("--from", "source_dir", type=click.Path(path_type=pathlib.Path),
+              help="With --guide autonormal: the trained run whose prior and decoder are kept, frozen.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto picks CUDA when available.")
 @click.option("--seed", type=int, help="Random seed for initialisation, shuffling and sampling [0].")
@@ -262,12 +277,20 @@ def _say_resume(run_dir, path, epoch, step):
               help="Held-out images evaluated after each epoch [paper: all; quick: 2000].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
-def main(ctx, dataset, preset, epochs, batch_size, lr, head_lr_scale, z_dim, depth, steps, hidden, likelihood, device, seed,
-         limit, exclude_classes, data_dir, no_download, run_dir, resume_dir, eval_limit, quiet):
+def main(ctx, dataset, preset, epochs, batch_size, lr, head_lr_scale, z_dim, depth, steps, hidden, likelihood,
+         prior, prior_components, flow_layers, guide, guide_rank, decoder, plugins, source_dir,
+         device, seed, limit, exclude_classes, data_dir, no_download, run_dir, resume_dir, eval_limit, quiet):
     """Train a Recursive Neural Program with SVI (Trace_ELBO) and write a run folder."""
     torch_device = resolve_device(device)
     given = {name: ctx.params[name] for name in CONFIG_FLAGS
              if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    if "plugins" in given:
+        given["plugins"] = _load_plugins(plugins)
+    _check_component_names(prior, guide, decoder)
+    if guide == "autonormal" or source_dir is not None:
+        from .oneshot import fit_autonormal_command
+        return fit_autonormal_command(ctx, source_dir, guide, resume_dir, run_dir, torch_device, data_dir,
+                                      not no_download, not quiet)
     if resume_dir is not None:
         if run_dir is not None:
             raise click.UsageError("--resume continues a run in its own folder; drop --run-dir")
@@ -298,6 +321,27 @@ def main(ctx, dataset, preset, epochs, batch_size, lr, head_lr_scale, z_dim, dep
     train(config, run_dir, torch_device, data_dir, download=not no_download, resume=resume_dir is not None,
           progress=not quiet, command=" ".join(["python -m pyro_rnp.fit", *sys.argv[1:]]))
     click.echo(f"Done. Figures in {run_dir / 'figures'}; load the model with pyro_rnp.load_run('{run_dir}').")
+
+
+def _load_plugins(plugins) -> tuple[str, ...]:
+    """Import each plugin now; .py paths are recorded absolute so the run folder finds them again."""
+    recorded = []
+    for spec in plugins:
+        if spec.endswith(".py"):
+            spec = str(pathlib.Path(spec).resolve())
+        try:
+            components.import_plugin(spec)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--plugin") from None
+        recorded.append(spec)
+    return tuple(recorded)
+
+
+def _check_component_names(prior, guide, decoder) -> None:
+    for kind, name in (("prior", prior), ("guide", guide), ("decoder", decoder)):
+        if name is not None and name not in components.names(kind):
+            raise click.BadParameter(f"unknown {kind} {name!r}; choose one of {', '.join(components.names(kind))}",
+                                     param_hint=f"--{kind}")
 
 
 if __name__ == "__main__":

@@ -5,32 +5,50 @@ model:  z ~ prior                                  (site "z", event shape (z_dim
         factor "parts": -part_weight * part error  (the paper's part-level loss: a regulariser,
                                                     not part of the likelihood; absent when x is None)
         x ~ likelihood(canvas)                     (site "x", observed when x is given)
-guide:  z ~ N(loc(x), scale(x))                    (ResNet encoder, registered with pyro.module)
+guide:  z ~ q(z | x)                               (the guide module, registered with pyro.module;
+                                                    the paper's is the ResNet encoder's diagonal Normal)
+
+Prior, guide and decoder are swappable components (components.py): by name in the
+config (``RNPConfig(prior="vamp")``), or as modules (``RNP(config, guide=MyGuide())``).
+Whatever they are, the latent site is "z" in the "data" plate.
 """
 from __future__ import annotations
 
 import pyro
-import pyro.distributions as dist
 import torch
 import torch.nn as nn
 
+from . import components
 from .config import RNPConfig
-from .encoder import ResNetEncoder
 from .likelihoods import make_likelihood
-from .priors import StandardNormalPrior
-from .program import ExecutorOutput, ProgramExecutor, ProgramNode
+from .program import ExecutorOutput, ProgramNode
 
 
 class RNP(nn.Module):
-    """Prior, program executor (the decoder) and amortized guide of a Recursive Neural Program."""
+    """Prior, decoder (the program executor) and guide of a Recursive Neural Program.
 
-    def __init__(self, config: RNPConfig | None = None):
+    ``prior``, ``guide`` and ``decoder`` default to the components named in the config; a module
+    passed here replaces that component (its name in the config is then only a label).
+    The guide module is ``self.encoder`` and the decoder ``self.executor`` (checkpoint names).
+    """
+
+    def __init__(self, config: RNPConfig | None = None, prior: nn.Module | None = None,
+                 guide: nn.Module | None = None, decoder: nn.Module | None = None):
         super().__init__()
         self.config = config = config or RNPConfig()
-        self.prior = StandardNormalPrior(config.z_dim)
-        self.executor = ProgramExecutor.from_config(config)
-        self.encoder = ResNetEncoder(config.z_dim, config.encoder_blocks, config.encoder_hidden)
+        for plugin in config.plugins:
+            components.import_plugin(plugin)
+        # built in this order so the paper's model initialises as it always has for a given seed
+        self.executor = decoder if decoder is not None else components.build("decoder", config.decoder, config)
+        self.encoder = guide if guide is not None else components.build("guide", config.guide, config)
+        self.prior = prior if prior is not None else components.build("prior", config.prior, config,
+                                                                     guide=self.encoder)
         self.likelihood = make_likelihood(config.likelihood, config.likelihood_scale)
+
+    @property
+    def has_parts(self) -> bool:
+        """Whether the decoder draws a program tree (the mlp baseline does not)."""
+        return hasattr(self.executor, "hypernet")
 
     # --- Pyro model and guide -------------------------------------------------------------
     def model(self, x: torch.Tensor | None = None, batch_size: int | None = None, part_term: bool = True):
@@ -49,18 +67,17 @@ class RNP(nn.Module):
             return pyro.sample("x", self.likelihood.distribution(out.canvas), obs=obs)
 
     def guide(self, x: torch.Tensor | None = None, batch_size: int | None = None, part_term: bool = True):
-        """Amortized q(z | x): a diagonal Normal from the ResNet encoder."""
+        """q(z | x) from the guide module (the paper's: a diagonal Normal from the ResNet encoder)."""
         if x is None:
             raise ValueError("the guide needs images x")
         pyro.module("rnp_encoder", self.encoder)
-        loc, scale = self.encoder(x)
         with pyro.plate("data", x.shape[0]):
-            return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+            return pyro.sample("z", self.encoder.posterior(x))
 
     # --- analysis ---------------------------------------------------------------------------
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior mean and scale of z for images x."""
-        return self.encoder(x)
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The guide's single z per image (B, z_dim): the posterior mean for the Normal guides."""
+        return self.encoder.point(x)
 
     def decode(self, z: torch.Tensor, record: bool = True) -> ExecutorOutput:
         """Run programs z (*B, z_dim); with record=True the output holds the whole tree."""
@@ -69,20 +86,29 @@ class RNP(nn.Module):
     @torch.no_grad()
     def parse(self, x: torch.Tensor) -> ProgramNode:
         """The program tree of images x at the posterior mean of z (see ProgramNode for the fields)."""
-        loc, _ = self.encode(x)
-        return self.decode(loc).tree
+        self._need_parts("a parse")
+        return self.decode(self.encode(x)).tree
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """The likelihood's mean image at the posterior mean of z."""
-        loc, _ = self.encode(x)
-        return self.likelihood.mean(self.decode(loc, record=False).canvas)
+        return self.likelihood.mean(self.decode(self.encode(x), record=False).canvas)
 
     @torch.no_grad()
     def sample(self, n: int) -> ProgramNode:
         """Programs drawn from the prior, run with the whole tree recorded."""
-        z = self.prior().sample((n,))
-        return self.decode(z).tree
+        self._need_parts("sampled parts")
+        return self.decode(self.sample_z(n)).tree
+
+    @torch.no_grad()
+    def sample_z(self, n: int) -> torch.Tensor:
+        """n programs from the prior, (n, z_dim)."""
+        return self.prior().sample((n,))
+
+    def _need_parts(self, what: str) -> None:
+        if not self.has_parts:
+            raise ValueError(f"the {self.config.decoder} decoder draws no parts, so there is no {what}; "
+                             "use a run with --decoder rnp")
 
 
 def _batch_size(x, batch_size):

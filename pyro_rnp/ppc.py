@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from pyro.infer import Predictive  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
-from .cli import open_run, run, run_folder_options  # noqa: E402
+from .cli import held_out, open_run, run, run_folder_options  # noqa: E402
 from .figures import save_figure  # noqa: E402
 from .files import atomic_write  # noqa: E402
 
@@ -145,11 +145,8 @@ def plot_ppc(arrays, keep, folder: pathlib.Path, samples: int) -> list[pathlib.P
 def main(run_dir, samples, limit, device, data_dir, no_download, seed, as_json):
     """Posterior and prior predictive checks of the run in RUN_DIR: writes RUN_DIR/ppc.json and
     RUN_DIR/figures/ppc_*.png."""
-    from . import data as datasets
-
     config, rnp, torch_device = open_run(run_dir, device)
-    images = datasets.load_images(config.dataset, "test", data_dir, not no_download, limit,
-                                  config.exclude_classes).tensors[0]
+    images = held_out(config, data_dir, not no_download, limit)[0]
     pyro.set_rng_seed(seed)
     result, arrays, keep = posterior_predictive_check(rnp, images, samples, progress=not as_json)
     result.update(run_dir=str(run_dir), dataset=config.dataset, seed=seed)

@@ -68,7 +68,9 @@ class ProgramNode:
       level 1, the child program's canvas above); placed (*B, T, 1, 28, 28), the same after
       placement (they sum to canvas); predictions (*B, T, 1, 28, 28) or None, the program's own
       guess D(z_t) of each child (levels above 1, kept for the part-level term);
-      children: the T child programs (empty at level 1).
+      children: the T child programs (empty at level 1);
+      child_z (*B, T, z_dim), the child program vectors z_t (at level 1: the leaf programs that the
+      generated decoder D turns into ``patches``).
     """
     level: int
     z: torch.Tensor
@@ -78,6 +80,7 @@ class ProgramNode:
     placed: torch.Tensor
     predictions: torch.Tensor | None
     children: list["ProgramNode"] = field(default_factory=list)
+    child_z: torch.Tensor | None = None
 
     def levels(self) -> list[list["ProgramNode"]]:
         """Nodes grouped by level, top first: levels()[0] == [self]."""
@@ -145,7 +148,7 @@ class ProgramExecutor(nn.Module):
         patch = patch.view(n, 1, size, size)
         canvas = 0.0
         errors, child_terms = [], []
-        thetas, patches, placed_all, predictions, children = [], [], [], [], []
+        thetas, patches, placed_all, predictions, children, states = [], [], [], [], [], []
         for _ in range(self.steps):
             e = nets.encode(patch.flatten(1), action)
             h_state = nets.rnn("state", h_state, e)
@@ -176,6 +179,7 @@ class ProgramExecutor(nn.Module):
                 patches.append(child_canvas)
                 placed_all.append(placed)
                 predictions.append(prediction)
+                states.append(h_state)
                 if child_tree is not None:
                     children.append(child_tree)
         part_term = None
@@ -189,8 +193,16 @@ class ProgramExecutor(nn.Module):
                 level=level, z=z, canvas=canvas, theta=torch.stack(thetas, 1), patches=torch.stack(patches, 1),
                 placed=torch.stack(placed_all, 1),
                 predictions=None if predictions[0] is None else torch.stack(predictions, 1),
-                children=children)
+                children=children, child_z=torch.stack(states, 1))
         return canvas, part_term, tree
+
+    def draw(self, z: torch.Tensor, level: int | None = None) -> torch.Tensor:
+        """The canvas (N, 1, 28, 28) that programs z (N, z_dim) draw when run at ``level`` (default:
+        the top): how a part-level program looks on its own."""
+        level = self.depth if level is None else level
+        if not 1 <= level <= self.depth:
+            raise ValueError(f"level must be between 1 and {self.depth}")
+        return self._run(z, level, None, None, False)[0]
 
 
 def _unflatten(node: ProgramNode, batch_shape) -> ProgramNode:
@@ -198,4 +210,4 @@ def _unflatten(node: ProgramNode, batch_shape) -> ProgramNode:
         return None if t is None else t.reshape(*batch_shape, *t.shape[1:])
     return ProgramNode(level=node.level, z=shape(node.z), canvas=shape(node.canvas), theta=shape(node.theta),
                        patches=shape(node.patches), placed=shape(node.placed), predictions=shape(node.predictions),
-                       children=[_unflatten(c, batch_shape) for c in node.children])
+                       children=[_unflatten(c, batch_shape) for c in node.children], child_z=shape(node.child_z))

@@ -18,10 +18,11 @@ def make_optimizer(rnp: RNP, lr: float, head_lr_scale: float = 1.0) -> torch.opt
     diverged within 100-200 steps from some initialisations (measured), while
     the head at lr/8 and the rest at up to 1e-3 trained stably.
     """
-    head = rnp.executor.hypernet.head
-    rest = [p for p in rnp.parameters() if p is not head]
-    groups = [{"params": rest, "lr": lr, "base_lr": lr},
-              {"params": [head], "lr": lr * head_lr_scale, "base_lr": lr * head_lr_scale}]
+    head = rnp.executor.hypernet.head if rnp.has_parts else None
+    rest = [p for p in rnp.parameters() if p is not head and p.requires_grad]
+    groups = [{"params": rest, "lr": lr, "base_lr": lr}]
+    if head is not None and head.requires_grad:
+        groups.append({"params": [head], "lr": lr * head_lr_scale, "base_lr": lr * head_lr_scale})
     # the fused kernel does Adam's update in one pass over ~10M head weights instead of several
     return torch.optim.Adam(groups, lr=lr, fused=True)
 
