@@ -25,17 +25,25 @@ from .cli import run
 DEFAULT_REFERENCE = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "bench" / "reference_rnp.py"
 
 
-def time_steps(batch_size: int, steps: int, device: torch.device, seed: int = 0) -> float:
-    """Images/s of ``steps`` training steps of the paper-size RNP after two warm-up steps."""
+VARIANTS = {"fp32": (None, False), "bf16": ("bf16", False), "compile": (None, True), "bf16+compile": ("bf16", True)}
+
+
+def time_steps(batch_size: int, steps: int, device: torch.device, seed: int = 0, variant: str = "fp32") -> float:
+    """Images/s of ``steps`` training steps of the paper-size RNP after warm-up steps (more with
+    torch.compile, whose first calls compile)."""
     from .config import RNPConfig
+    from .fit import compile_model
     from .model import RNP
     from .training import TrainStep, make_optimizer
 
+    amp, compiled = VARIANTS[variant]
     torch.manual_seed(seed)
     rnp = RNP(RNPConfig()).to(device)
-    step = TrainStep(rnp, make_optimizer(rnp, 4e-5))
+    if compiled:
+        compile_model(rnp)
+    step = TrainStep(rnp, make_optimizer(rnp, 4e-5), amp=amp)
     x = torch.rand(batch_size, 1, 28, 28, device=device)
-    for _ in range(2):
+    for _ in range(5 if compiled else 2):
         step(x)
     _sync(device)
     start = time.perf_counter()
@@ -83,36 +91,50 @@ def profile(batch_size: int, device: torch.device) -> str:
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--reference", type=click.Path(dir_okay=False, path_type=pathlib.Path), default=DEFAULT_REFERENCE,
               show_default=True, help="The straightforward port to compare with; 'none' to skip.")
+@click.option("--variants", default="fp32", show_default=True,
+              help=f"Comma-separated versions of our step to time, each in every round: {', '.join(VARIANTS)} "
+                   "(bf16 needs CUDA).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line.")
 @click.option("--profile", "do_profile", is_flag=True, help="Print a torch.profiler table of 3 steps instead.")
 @click.option("--worker", is_flag=True, hidden=True)
-def main(batch_size, steps, rounds, device, reference, as_json, do_profile, worker):
+def main(batch_size, steps, rounds, device, reference, variants, as_json, do_profile, worker):
     """Images/s of full training steps of the paper-size RNP, against the straightforward port."""
     if device == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
+    names = [v.strip() for v in variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown or not names:
+        raise click.BadParameter(f"unknown variant {', '.join(unknown) or repr(variants)}; choose from "
+                                 f"{', '.join(VARIANTS)}", param_hint="--variants")
+    if device == "cpu" and any(VARIANTS[v][0] for v in names):
+        raise click.BadParameter("bf16 autocast is for CUDA devices", param_hint="--variants")
     dev = torch.device(device)
     if do_profile:
         click.echo(profile(batch_size, dev))
         return
     if worker:
-        click.echo(json.dumps({"images_per_s": time_steps(batch_size, steps, dev)}))
+        click.echo(json.dumps({"images_per_s": time_steps(batch_size, steps, dev, variant=names[0])}))
         return
     use_reference = str(reference) != "none"
     if use_reference and not reference.is_file():
         raise click.BadParameter(f"{reference} not found; pass --reference PATH or --reference none",
                                  param_hint="--reference")
-    ours, theirs = [], []
+    per_variant, theirs = {v: [] for v in names}, []
     common = ["--batch-size", str(batch_size), "--steps", str(steps), "--device", device]
     for r in range(rounds):
-        ours.append(_subprocess_rate([sys.executable, "-m", "pyro_rnp.bench", "--worker", *common]))
+        for v in names:
+            per_variant[v].append(_subprocess_rate([sys.executable, "-m", "pyro_rnp.bench", "--worker",
+                                                    "--variants", v, *common]))
         if use_reference:
             theirs.append(_subprocess_rate([sys.executable, str(reference), "--json", *common]))
         if not as_json:
-            line = f"round {r + 1}/{rounds}: pyro_rnp {ours[-1]:.1f} images/s"
-            click.echo(line + (f", reference {theirs[-1]:.1f} images/s" if use_reference else ""), err=True)
+            line = f"round {r + 1}/{rounds}: " + ", ".join(f"pyro_rnp {v} {per_variant[v][-1]:.1f}" for v in names)
+            click.echo(line + (f", reference {theirs[-1]:.1f}" if use_reference else "") + " images/s", err=True)
+    ours = per_variant[names[0]]
     result = {"images_per_s": statistics.median(ours), "batch_size": batch_size, "steps": steps, "rounds": rounds,
               "device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "runs": ours}
+              "runs": ours, "variants": {v: statistics.median(r) for v, r in per_variant.items()},
+              "variant_runs": per_variant}
     if use_reference:
         result.update(reference_images_per_s=statistics.median(theirs), reference_runs=theirs,
                       ratio=statistics.median(ours) / statistics.median(theirs))
@@ -121,11 +143,13 @@ def main(batch_size, steps, rounds, device, reference, as_json, do_profile, work
     if as_json:
         click.echo(json.dumps(result))
     else:
-        click.echo(f"pyro_rnp: {result['images_per_s']:.1f} images/s (median of {rounds}, batch {batch_size}, "
-                   f"{device}, {result['threads']} threads)")
+        for v, rate in result["variants"].items():
+            click.echo(f"pyro_rnp {v}: {rate:.1f} images/s (median of {rounds}, batch {batch_size}, "
+                       f"{device}, {result['threads']} threads)")
         if use_reference:
-            click.echo(f"reference port: {result['reference_images_per_s']:.1f} images/s; "
-                       f"ratio {result['ratio']:.2f}x")
+            click.echo(f"reference port: {result['reference_images_per_s']:.1f} images/s; ratio "
+                       + ", ".join(f"{v} {rate / result['reference_images_per_s']:.2f}x"
+                                   for v, rate in result["variants"].items()))
 
 
 if __name__ == "__main__":

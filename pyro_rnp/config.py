@@ -58,11 +58,15 @@ class RNPConfig:
     seed: int = 0
     eval_limit: int | None = None     # held-out images evaluated after each epoch (None: all)
     figure_every: int = 5             # refresh figures every N epochs (and at the end)
+    # speed options that change numerics (recorded; may change on --resume)
+    amp: str | None = None            # "bf16": forward pass under autocast in bfloat16 (CUDA)
+    compile: bool = False             # torch.compile the encoder (and an mlp decoder)
 
     def __post_init__(self):
         checks = [
             (self.dataset in DATASETS, f"dataset must be one of {', '.join(DATASETS)}, not {self.dataset!r}"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}"),
+            (self.amp in (None, "bf16"), f"amp must be None or 'bf16', not {self.amp!r}"),
             (self.lr_schedule in LR_SCHEDULES,
              f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, not {self.lr_schedule!r}"),
             (self.likelihood in LIKELIHOODS, f"likelihood must be one of {', '.join(LIKELIHOODS)}, not {self.likelihood!r}"),

@@ -32,7 +32,7 @@ def part_colours(n: int) -> list[tuple[float, float, float]]:
 def colour_parts(placed: torch.Tensor) -> np.ndarray:
     """(B, T, 1, H, W) placed parts -> (B, H, W, 3) RGB, part t in colour t, clipped to [0, 1]."""
     placed = placed.detach().float().cpu().clamp(min=0)[:, :, 0]           # (B, T, H, W)
-    colours = torch.tensor(part_colours(placed.shape[1]))                  # (T, 3)
+    colours = torch.tensor(part_colours(placed.shape[1]), dtype=placed.dtype)  # (T, 3)
     rgb = torch.einsum("bthw,tc->bhwc", placed, colours)
     return rgb.clamp(0, 1).numpy()
 

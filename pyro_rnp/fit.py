@@ -27,6 +27,9 @@ from .evaluate import evaluate
 from .model import RNP
 from .runs import (CHECKPOINT, RunError, append_metrics, load_checkpoint, load_state, new_run_dir, read_config,
                    read_metrics, save_checkpoint, set_rng_state, write_config)
+from .distributed import (Context, any_across, broadcast_from_main, launched_by_torchrun, shard, sum_across,
+                          sync_batch_norms, teardown)
+from .distributed import setup as distributed_setup
 from .training import TrainStep, make_optimizer, state_finite
 
 MAX_BAD_STEPS = 20  # consecutive non-finite losses before giving up
@@ -85,86 +88,110 @@ def _load_data(config: RNPConfig, data_dir, download: bool):
 
 
 def train(config: RNPConfig, run_dir: pathlib.Path, device: torch.device, data_dir=None, download: bool = True,
-          resume: bool = False, progress: bool = True, command: str | None = None) -> RNP:
-    """Train (or continue) the run in ``run_dir`` to ``config.epochs`` epochs and return the model."""
+          resume: bool = False, progress: bool = True, command: str | None = None,
+          context: Context = Context()) -> RNP:
+    """Train (or continue) the run in ``run_dir`` to ``config.epochs`` epochs and return the model.
+    Under torch.distributed every process calls this with its ``context``; rank 0 writes the run."""
+    main = context.is_main
+    say = tqdm.write if main else (lambda message: None)
     train_images, test_images = _load_data(config, data_dir, download)
-    write_config(run_dir, config, command=command, device=str(device))
-    if train_images.shape[0] < 2:
-        raise TrainingError(f"need at least 2 training images, got {train_images.shape[0]}")
-    batch_size = min(config.batch_size, train_images.shape[0])
-    n_batches = train_images.shape[0] // batch_size
+    dtype = torch.get_default_dtype()  # float32 unless the caller chose float64 (torch.set_default_dtype)
+    train_images, test_images = train_images.to(dtype), test_images.to(dtype)
+    per_process = min(config.batch_size, train_images.shape[0] // context.world)
+    if per_process < 2:
+        raise TrainingError(f"need at least 2 training images per process, got {train_images.shape[0]} "
+                            f"for {context.world} processes")
+    global_batch = per_process * context.world
+    n_batches = train_images.shape[0] // global_batch
+    run_dir = pathlib.Path(run_dir)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "figures").mkdir(exist_ok=True)
+        write_config(run_dir, config, command=command, device=str(device),
+                     distributed={"processes": context.world, "backend": context.backend,
+                                  "batch_per_process": per_process, "global_batch_size": global_batch,
+                                  "lr": config.lr})
     if device.type == "cuda":  # the datasets are small: keep them on the GPU
         train_images, test_images = train_images.to(device), test_images.to(device)
     fixed_test = test_images[:8].to(device)
 
     torch.manual_seed(config.seed)
     rnp = RNP(config).to(device)
+    if context.active:
+        sync_batch_norms(rnp)  # batch statistics over the global batch, as one process would compute them
+    if config.compile:
+        compile_model(rnp)
     optimizer = make_optimizer(rnp, config.lr, config.head_lr_scale)
     step_fn = TrainStep(rnp, optimizer, config.grad_clip, config.lr_warmup_steps, config.lr_schedule,
-                        total_steps=config.epochs * n_batches)
+                        total_steps=config.epochs * n_batches, context=context, amp=config.amp)
     epoch, step, start_batch, wall_before = 0, 0, 0, 0.0
     if resume:
         payload = load_checkpoint(run_dir, map_location=device)
         load_state(rnp, payload, run_dir / CHECKPOINT)
         optimizer.load_state_dict(payload["optimizer"])
         set_rng_state(payload["rng"])
-        epoch, step, start_batch = payload["epoch"], payload["step"], payload["batch_in_epoch"]
+        epoch, step = payload["epoch"], payload["step"]
+        # the position in the epoch, in images: the number of processes may have changed
+        seen = payload.get("images_in_epoch", payload["batch_in_epoch"] * config.batch_size)
+        start_batch = min(seen // global_batch, n_batches)
         wall_before = payload["wall_time_s"]
-        tqdm.write(f"Resuming {run_dir} at epoch {epoch + 1}, step {step}.")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "figures").mkdir(exist_ok=True)
+        say(f"Resuming {run_dir} at epoch {epoch + 1}, step {step}.")
     started = time.perf_counter()
 
     def wall():
         return wall_before + time.perf_counter() - started
 
     def checkpoint(epoch_, batch_):
+        if not main:
+            return run_dir / CHECKPOINT
         return save_checkpoint(run_dir, rnp, optimizer, epoch=epoch_, step=step, batch_in_epoch=batch_,
-                               wall_time_s=wall())
+                               wall_time_s=wall(), images_in_epoch=batch_ * global_batch,
+                               processes=context.world)
 
     if epoch >= config.epochs:
-        tqdm.write(f"{run_dir} already has {epoch} of {config.epochs} epochs; pass --epochs N to train further.")
+        say(f"{run_dir} already has {epoch} of {config.epochs} epochs; pass --epochs N to train further.")
     estimated = resume
-    bad_steps = 0
+    where = f"{context.world} processes x {per_process} = batch {global_batch}, " if context.active else ""
     with StopRequest() as stop:
         while epoch < config.epochs:
             order = torch.randperm(train_images.shape[0], generator=torch.Generator().manual_seed(
                 config.seed * 1_000_003 + epoch)).to(train_images.device)
-            total_loss, total_images, skipped = 0.0, 0, 0
+            zero = torch.zeros((), device=device)
+            total_loss, total_images, skipped, bad_run = zero.clone(), zero.clone(), zero.clone(), zero.clone()
             bar = tqdm(range(start_batch, n_batches), desc=f"epoch {epoch + 1}/{config.epochs}",
-                       unit="batch", dynamic_ncols=True, disable=not progress, initial=start_batch, total=n_batches)
+                       unit="batch", dynamic_ncols=True, disable=not (progress and main), initial=start_batch,
+                       total=n_batches)
+            if context.active:
+                bar.set_description(f"epoch {epoch + 1}/{config.epochs} ({where}lr {config.lr:g})")
             epoch_start, timed_from = time.perf_counter(), None
             for b in bar:
-                x = train_images[order[b * batch_size:(b + 1) * batch_size]].to(device, non_blocking=True)
+                x = train_images[shard(order, b, per_process, context)].to(device, non_blocking=True)
                 loss, applied = step_fn(x, step)
-                if applied:
-                    bad_steps = 0
-                    step += 1
-                    total_loss += loss.item()
-                    total_images += x.shape[0]
-                else:
-                    skipped, bad_steps = skipped + 1, bad_steps + 1
-                    if not state_finite(rnp) or bad_steps >= MAX_BAD_STEPS:
-                        raise TrainingError(
-                            f"training diverged at epoch {epoch + 1}, step {step}: "
-                            + ("the weights are no longer finite" if not state_finite(rnp)
-                               else f"{bad_steps} consecutive non-finite losses")
-                            + f". The last good checkpoint (if any) is in {run_dir}; "
-                            f"try a lower --lr than {config.lr:g}.")
-                    tqdm.write(f"warning: non-finite loss at epoch {epoch + 1}, step {step}; update skipped")
+                step += 1
+                # kept on the device: reading them waits for the step, so they are read every SYNC_EVERY
+                total_loss += torch.where(applied, loss, zero)
+                total_images += applied * x.shape[0]
+                skipped += ~applied
+                bad_run = (bad_run + 1) * ~applied
                 done = b + 1 - start_batch
                 if done == 1:
                     timed_from = time.perf_counter()  # the first step includes one-off setup
-                elif done > 1:
-                    rate = (done - 1) * batch_size / (time.perf_counter() - timed_from)
-                    bar.set_postfix(loss=f"{total_loss / max(total_images, 1):.1f}", img_s=f"{rate:.0f}")
-                    if not estimated and done == 6:
+                if done % SYNC_EVERY and b + 1 < n_batches:
+                    continue
+                _check_finite(rnp, skipped, bad_run, epoch, step, run_dir, config, say)
+                if done > 1:
+                    rate = (done - 1) * global_batch / (time.perf_counter() - timed_from)
+                    bar.set_postfix(loss=f"{total_loss.item() / max(total_images.item(), 1):.1f}",
+                                    img_s=f"{rate:.0f}")
+                    if not estimated and done >= 6:
                         estimated = True
-                        _say_how_long(config, device, rate, n_batches * batch_size)
-                if stop.requested:
+                        if main:
+                            _say_how_long(config, device, rate, n_batches * global_batch)
+                if any_across(context, stop.requested, device):
                     bar.close()
                     path = checkpoint(epoch, b + 1)
-                    _say_resume(run_dir, path, epoch, step)
+                    if main:
+                        _say_resume(run_dir, path, epoch, step)
                     sys.exit(130)
             bar.close()
             epoch += 1
@@ -175,30 +202,70 @@ def train(config: RNPConfig, run_dir: pathlib.Path, device: torch.device, data_d
                                      f"try a lower --lr than {config.lr:g}.")
             if not state_finite(rnp):
                 raise diverged
+            loss_sum, images, n_skipped = sum_across(context, total_loss.item(), total_images.item(), skipped.item(),
+                                                     device=device)
             try:
-                scores = evaluate(rnp, test_images, device=device, progress=progress)
+                scores = _evaluate(rnp, test_images, context, device, progress and main)
             except ValueError as e:  # a distribution refused non-finite parameters
                 if "invalid values" in str(e):
                     raise diverged from None
                 raise
             if not math.isfinite(scores["neg_elbo"]):
                 raise diverged
-            record = {"epoch": epoch, "step": step, "train_loss": total_loss / max(total_images, 1),
+            record = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(images, 1),
                       "test_neg_elbo": scores["neg_elbo"], "test_mse": scores["mse"],
                       "n_test": scores["n_images"], "likelihood": scores["likelihood"],
-                      "images_per_s": total_images / max(train_time, 1e-9), "skipped_steps": skipped,
+                      "images_per_s": images / max(train_time, 1e-9), "skipped_steps": int(n_skipped),
                       "lr": optimizer.param_groups[0]["lr"], "wall_time_s": wall()}
-            append_metrics(run_dir, record)
+            if main:
+                append_metrics(run_dir, record)
             path = checkpoint(epoch, 0)
-            tqdm.write(f"epoch {epoch}: train loss {record['train_loss']:.1f}, held-out -ELBO "
-                       f"{record['test_neg_elbo']:.1f} nats/image ({record['likelihood']}), "
-                       f"MSE {record['test_mse']:.4f}, {record['images_per_s']:.0f} img/s; saved {path}")
-            if epoch % config.figure_every == 0 or epoch == config.epochs:
+            say(f"epoch {epoch}: train loss {record['train_loss']:.1f}, held-out -ELBO "
+                f"{record['test_neg_elbo']:.1f} nats/image ({record['likelihood']}), "
+                f"MSE {record['test_mse']:.4f}, {record['images_per_s']:.0f} img/s; saved {path}")
+            if main and (epoch % config.figure_every == 0 or epoch == config.epochs):
                 write_figures(rnp, run_dir, fixed_test)
-            if stop.requested:
-                _say_resume(run_dir, path, epoch, step)
+            if any_across(context, stop.requested, device):
+                if main:
+                    _say_resume(run_dir, path, epoch, step)
                 sys.exit(130)
     return rnp.eval()
+
+
+SYNC_EVERY = 10  # steps between reads of the loss and finiteness (each read waits for the device)
+
+
+def compile_model(rnp: RNP) -> None:
+    """torch.compile the parts with static shapes and no Python-side state: the encoder, and an mlp
+    decoder. The program executor's generated layers run through our own autograd Functions."""
+    rnp.encoder.compile()
+    if not rnp.has_parts:
+        rnp.executor.compile()
+
+
+def _check_finite(rnp, skipped, bad_run, epoch, step, run_dir, config, say) -> None:
+    bad = int(bad_run.item())
+    if not int(skipped.item()):
+        return
+    weights_ok = state_finite(rnp)
+    if not weights_ok or bad >= MAX_BAD_STEPS:
+        raise TrainingError(
+            f"training diverged at epoch {epoch + 1}, step {step}: "
+            + ("the weights are no longer finite" if not weights_ok else f"{bad} consecutive non-finite losses")
+            + f". The last good checkpoint (if any) is in {run_dir}; try a lower --lr than {config.lr:g}.")
+    if bad:
+        say(f"warning: non-finite loss at epoch {epoch + 1} before step {step}; {int(skipped.item())} "
+            "update(s) skipped this epoch")
+
+
+def _evaluate(rnp, test_images, context: Context, device, progress) -> dict:
+    """Held-out scores; under torch.distributed each process takes every N-th image and the sums are pooled."""
+    if not context.active:
+        return evaluate(rnp, test_images, device=device, progress=progress)
+    part = evaluate(rnp, test_images[context.rank::context.world], device=device, progress=progress)
+    n = part["n_images"]
+    elbo, mse, total = sum_across(context, part["neg_elbo"] * n, part["mse"] * n, n, device=device)
+    return {**part, "neg_elbo": elbo / total, "mse": mse / total, "n_images": int(total)}
 
 
 def write_figures(rnp: RNP, run_dir: pathlib.Path, x: torch.Tensor) -> None:
@@ -275,13 +342,24 @@ def _say_resume(run_dir, path, epoch, step):
               help="Continue the run in RUN_DIR from its checkpoint, with its config.")
 @click.option("--eval-limit", type=click.IntRange(min=1),
               help="Held-out images evaluated after each epoch [paper: all; quick: 2000].")
+@click.option("--amp", type=click.Choice(["bf16"]), help="Mixed precision on CUDA: the forward pass in bfloat16 "
+              "under autocast (weights, gradients and Adam stay float32). Recorded in config.json.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the encoder (and an mlp decoder). "
+              "Recorded in config.json; see the README's performance section for what it gains.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
 def main(ctx, dataset, preset, epochs, batch_size, lr, head_lr_scale, z_dim, depth, steps, hidden, likelihood,
          prior, prior_components, flow_layers, guide, guide_rank, decoder, plugins, source_dir,
-         device, seed, limit, exclude_classes, data_dir, no_download, run_dir, resume_dir, eval_limit, quiet):
-    """Train a Recursive Neural Program with SVI (Trace_ELBO) and write a run folder."""
+         device, seed, limit, exclude_classes, data_dir, no_download, run_dir, resume_dir, eval_limit, amp, compile_,
+         quiet):
+    """Train a Recursive Neural Program with SVI (Trace_ELBO) and write a run folder.
+
+    Under torchrun (torchrun --nproc_per_node N -m pyro_rnp.fit ...) it trains with N processes:
+    --batch-size is per process; see guides/scaling.md."""
     torch_device = resolve_device(device)
+    if amp and torch_device.type != "cuda":
+        raise click.BadParameter("bf16 autocast is for CUDA devices; on a CPU train in float32 (drop --amp)",
+                                 param_hint="--amp")
     given = {name: ctx.params[name] for name in CONFIG_FLAGS
              if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
     if "plugins" in given:
@@ -302,25 +380,37 @@ def main(ctx, dataset, preset, epochs, batch_size, lr, head_lr_scale, z_dim, dep
                            "Drop those flags to continue the run as it was (only --epochs, --eval-limit, --device, "
                            "--data-dir and --no-download may change), or start a new run.")
         changes = {k: v for k, v in (("epochs", epochs), ("eval_limit", eval_limit)) if v is not None}
+        changes.update(amp=amp, compile=compile_)  # speed options follow the command line
         config = dataclasses.replace(config, **changes)
         run_dir = resume_dir
     else:
         overrides = {CONFIG_FLAGS[k]: v for k, v in given.items() if k not in ("dataset", "preset")}
         overrides.update({k: v for k, v in (("epochs", epochs), ("eval_limit", eval_limit)) if v is not None})
+        overrides.update(amp=amp, compile=compile_)
         try:
             config = RNPConfig.preset(dataset, preset, **overrides)
         except ValueError as e:
             raise click.UsageError(str(e)) from None
         run_dir = run_dir or new_run_dir(dataset)
+        if launched_by_torchrun():
+            context, torch_device = distributed_setup(torch_device)
+            run_dir = broadcast_from_main(context, run_dir)  # every process writes to rank 0's folder name
         if (run_dir / CHECKPOINT).exists():
             raise RunError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it, "
                            "or choose another --run-dir.")
-    click.echo(f"Run folder: {run_dir}  ({config.dataset}, preset {config.schedule}, {config.epochs} epochs, "
-               f"batch {config.batch_size}, lr {config.lr:g}, depth {config.depth}, likelihood {config.likelihood}, "
-               f"device {torch_device})")
-    train(config, run_dir, torch_device, data_dir, download=not no_download, resume=resume_dir is not None,
-          progress=not quiet, command=" ".join(["python -m pyro_rnp.fit", *sys.argv[1:]]))
-    click.echo(f"Done. Figures in {run_dir / 'figures'}; load the model with pyro_rnp.load_run('{run_dir}').")
+    context, torch_device = distributed_setup(torch_device)
+    echo = click.echo if context.is_main else (lambda message: None)
+    batch = (f"batch {config.batch_size} per process x {context.world} processes" if context.active
+             else f"batch {config.batch_size}")
+    echo(f"Run folder: {run_dir}  ({config.dataset}, preset {config.schedule}, {config.epochs} epochs, "
+         f"{batch}, lr {config.lr:g}, depth {config.depth}, likelihood {config.likelihood}, device {torch_device})")
+    launcher = "torchrun -m pyro_rnp.fit" if context.active else "python -m pyro_rnp.fit"
+    try:
+        train(config, run_dir, torch_device, data_dir, download=not no_download, resume=resume_dir is not None,
+              progress=not quiet, command=" ".join([launcher, *sys.argv[1:]]), context=context)
+    finally:
+        teardown(context)
+    echo(f"Done. Figures in {run_dir / 'figures'}; load the model with pyro_rnp.load_run('{run_dir}').")
 
 
 def _load_plugins(plugins) -> tuple[str, ...]:

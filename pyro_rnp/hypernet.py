@@ -119,13 +119,14 @@ class GeneratedPrograms:
     def __init__(self, h: torch.Tensor, head: torch.Tensor, layout: list[GeneratedLayer]):
         self.n = h.shape[0]
         self.head = head
-        self.fast = _FAST_BACKWARD[0] and torch.is_grad_enabled()
+        self.fast = _FAST_BACKWARD[0] and torch.is_grad_enabled() and not torch.is_autocast_enabled(h.device.type)
         self.layers = {}
         offset = 0
         for layer in layout:
             self.layers[layer.name] = (layer, offset)
             offset += layer.numel
         self.value: torch.Tensor | None = None
+        self.dtype = h.dtype
         self.views: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.saved = {name: ([], []) for name in self.layers}
         # a zero-size tensor that links every application to the generating node in the graph
@@ -146,8 +147,12 @@ class _Generate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, head, programs):
         shape = (h.shape[0], head.shape[1])
-        out = _POOL.take(shape, h) if programs.fast else h.new_empty(shape)
-        programs.value = torch.mm(h, head, out=out)
+        if torch.is_autocast_enabled(h.device.type):  # mixed precision: autocast picks the dtype
+            programs.value = torch.mm(h, head)
+        else:
+            out = _POOL.take(shape, h) if programs.fast else h.new_empty(shape)
+            programs.value = torch.mm(h, head, out=out)
+        programs.dtype = programs.value.dtype
         programs._make_views()
         ctx.programs = programs
         ctx.save_for_backward(h, head)
@@ -157,22 +162,22 @@ class _Generate(torch.autograd.Function):
     def backward(ctx, _):
         programs = ctx.programs
         h, head = ctx.saved_tensors
-        n = h.shape[0]
-        grad = _POOL.take((n, head.shape[1]), h) if programs.fast else h.new_empty((n, head.shape[1]))
+        n, dtype = h.shape[0], programs.dtype  # under autocast the products run in the forward's dtype
+        grad = _POOL.take((n, head.shape[1]), h) if programs.fast else h.new_empty((n, head.shape[1]), dtype=dtype)
         for name, (layer, offset) in programs.layers.items():
             block = grad[:, offset:offset + layer.numel].view(n, layer.rows, layer.outputs)
             xs, gs = programs.saved[name]
             if not gs:
                 block.zero_()
                 continue
-            g = torch.stack(gs, dim=1)                                    # (N, T, o)
+            g = torch.stack(gs, dim=1).to(dtype)                          # (N, T, o)
             if layer.inputs:
                 # the sum over steps of x_t^T g_t, formed once (a transposed view is the fast bmm layout)
-                torch.bmm(torch.stack(xs, dim=1).transpose(1, 2), g, out=block[:, :layer.inputs])
+                torch.bmm(torch.stack(xs, dim=1).to(dtype).transpose(1, 2), g, out=block[:, :layer.inputs])
             if layer.bias:
                 torch.sum(g, dim=1, out=block[:, layer.inputs])
         programs.saved = {name: ([], []) for name in programs.layers}
-        grad_h = torch.mm(grad, head.t()) if ctx.needs_input_grad[0] else None
+        grad_h = torch.mm(grad, head.t().to(dtype)) if ctx.needs_input_grad[0] else None
         grad_head = None
         if ctx.needs_input_grad[1]:
             param = programs.head
@@ -181,7 +186,7 @@ class _Generate(torch.autograd.Function):
             elif programs.fast:
                 param.grad = torch.mm(h.t(), grad)
             else:
-                grad_head = torch.mm(h.t(), grad)
+                grad_head = torch.mm(h.t().to(dtype), grad)
         if programs.fast:
             _POOL.give(grad)
             _POOL.give(programs.value)

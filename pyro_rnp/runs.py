@@ -94,7 +94,7 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run_dir: pathlib.Path, rnp, optimizer, *, epoch: int, step: int, batch_in_epoch: int,
-                    wall_time_s: float) -> pathlib.Path:
+                    wall_time_s: float, **extra) -> pathlib.Path:
     """Atomically write the full training state. Refuses non-finite weights, so a good checkpoint
     is never replaced by a diverged one."""
     state = rnp.state_dict()
@@ -106,7 +106,7 @@ def save_checkpoint(run_dir: pathlib.Path, rnp, optimizer, *, epoch: int, step: 
         "format": FORMAT, "config": rnp.config.to_dict(), "model": state,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "rng": _rng_state(), "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch,
-        "wall_time_s": wall_time_s, "versions": versions(),
+        "wall_time_s": wall_time_s, "versions": versions(), **extra,
     }
     path = pathlib.Path(run_dir) / CHECKPOINT
     atomic_write(path, lambda p: torch.save(payload, p))

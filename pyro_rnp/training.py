@@ -1,13 +1,17 @@
 """One SVI training step (Trace_ELBO, Adam, gradient clamp), shared by the fit loop and the benchmark."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 from pyro.infer import Trace_ELBO
 
+from .distributed import Context, ELBOLoss
 from .hypernet import fast_backward
 from .model import RNP
+
+AMP_DTYPES = {"bf16": torch.bfloat16}
 
 
 def make_optimizer(rnp: RNP, lr: float, head_lr_scale: float = 1.0) -> torch.optim.Optimizer:
@@ -33,15 +37,28 @@ class TrainStep:
     The loss is -ELBO (plus the part-level regulariser) summed over the batch, as
     Pyro's plates define it. Gradients are clamped element-wise to +-grad_clip as
     the authors' code does. A non-finite loss skips the update and is reported.
+
+    Under torch.distributed (``context.active``) the loss module is wrapped in
+    DistributedDataParallel (see distributed.py). ``amp="bf16"`` runs the forward pass
+    under autocast in bfloat16; the weights, gradients and Adam stay in float32.
     """
 
     def __init__(self, rnp: RNP, optimizer: torch.optim.Optimizer, grad_clip: float = 0.2,
                  warmup_steps: int = 0, schedule: str = "constant", total_steps: int | None = None,
-                 frozen: tuple[torch.nn.Module, ...] = ()):
+                 frozen: tuple[torch.nn.Module, ...] = (), context: Context = Context(), amp: str | None = None):
         self.rnp = rnp
         self.optimizer = optimizer
         self.grad_clip = grad_clip
         self.elbo = Trace_ELBO()
+        self.context = context
+        self.amp = amp
+        self.loss = ELBOLoss(rnp, self.elbo, scale=context.world)
+        if context.active:
+            from torch.nn.parallel import DistributedDataParallel
+            device = next(rnp.parameters()).device
+            # a user's component may leave parameters unused (a point-mass guide ignores its scale head)
+            self.loss = DistributedDataParallel(self.loss, device_ids=[device] if device.type == "cuda" else None,
+                                                find_unused_parameters=True)
         self.warmup_steps = warmup_steps
         self.schedule = schedule
         self.frozen = frozen  # submodules kept in eval mode (their parameters are not trained)
@@ -63,8 +80,9 @@ class TrainStep:
         for group in self.optimizer.param_groups:
             group["lr"] = group.setdefault("base_lr", group["lr"]) * scale
 
-    def __call__(self, x: torch.Tensor, step: int = 0) -> tuple[torch.Tensor, bool]:
-        """Returns (loss summed over the batch, detached; whether the update was applied)."""
+    def __call__(self, x: torch.Tensor, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (loss summed over the batch, detached; whether the update was applied), both
+        0-dim tensors on x's device: with the fused optimizer nothing here waits for the device."""
         self.rnp.train()
         for module in self.frozen:
             module.eval()
@@ -73,24 +91,47 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=False)
         # batch-norm statistics move during the forward pass: keep them to undo a step that is not applied
         buffers = [(b, b.clone()) for b in self.buffers]
-        with fast_backward():
+        # the fast path adds the head's gradient in place, past DDP's hooks and autocast's dtypes
+        fast = not self.context.active and self.amp is None
+        autocast = (torch.autocast(x.device.type, dtype=AMP_DTYPES[self.amp]) if self.amp
+                    else contextlib.nullcontext())
+        with fast_backward() if fast else contextlib.nullcontext():
             try:
-                loss = self.elbo.differentiable_loss(self.rnp.model, self.rnp.guide, x)
-            except ValueError as e:  # a distribution refused non-finite parameters
+                with autocast:
+                    loss = self.loss(x)
+            except ValueError as e:  # with validation on, a distribution refused non-finite parameters
                 if "invalid values" not in str(e):
                     raise
-                loss = torch.tensor(float("nan"))
-            finite = bool(torch.isfinite(loss))
-            if finite:
-                loss.backward()
-        if not finite:
-            for buffer, saved in buffers:
-                buffer.copy_(saved)
-            return loss.detach(), False
+                loss = torch.tensor(float("nan"), device=x.device)
+            finite = torch.isfinite(loss.detach())
+            if self.context.active:  # one process's bad batch skips the step everywhere
+                finite = _all_finite(finite)
+            if not loss.requires_grad:
+                return loss.detach(), self._undo(buffers, finite)
+            # a non-finite loss still runs backward (no waiting to find out); its step is skipped below
+            torch.where(finite, loss, torch.zeros_like(loss)).backward()
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_value_(self.params, self.grad_clip)
-        self.optimizer.step()
-        return loss.detach(), True
+        if self.optimizer.defaults.get("fused"):
+            self.optimizer.found_inf = (~finite).float()  # the fused kernel skips the update on the device
+            self.optimizer.step()
+        elif bool(finite):
+            self.optimizer.step()
+        return loss.detach() / self.context.world, self._undo(buffers, finite)
+
+    @staticmethod
+    def _undo(buffers, finite: torch.Tensor) -> torch.Tensor:
+        """Restore the batch-norm statistics of a skipped step; returns ``finite``."""
+        for buffer, saved in buffers:
+            buffer.copy_(torch.where(finite, buffer, saved))
+        return finite
+
+
+def _all_finite(finite: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+    flag = finite.float()
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return flag.bool()
 
 
 def state_finite(module: torch.nn.Module) -> bool:

@@ -22,3 +22,10 @@ def test_bench_refuses_cuda_without_a_gpu():
     out = subprocess.run([sys.executable, "-m", "pyro_rnp.bench", "--device", "cuda"],
                          capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 2 and "CUDA is not available" in out.stderr
+
+
+def test_bench_refuses_unknown_variants_and_bf16_on_cpu():
+    for variants, message in (("fp32,nope", "unknown variant nope"), ("bf16", "bf16 autocast is for CUDA")):
+        out = subprocess.run([sys.executable, "-m", "pyro_rnp.bench", "--variants", variants, "--device", "cpu"],
+                             capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr

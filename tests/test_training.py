@@ -1,4 +1,5 @@
 """Training stability: schedules, divergence detection, and never saving a diverged model."""
+import pyro
 import pytest
 import torch
 
@@ -62,3 +63,21 @@ def test_the_head_learns_at_its_own_rate():
     step = TrainStep(rnp, optimizer, warmup_steps=10)
     step.set_lr_for(4)  # half-way through the warm-up: both rates scale together
     assert sorted(g["lr"] for g in optimizer.param_groups) == pytest.approx([0.625e-4, 5e-4])
+
+
+def test_bf16_autocast_step_keeps_float32_state_and_the_loss(fashion_images):
+    """--amp bf16 is for CUDA; CPU autocast runs the same code path (our autograd Functions under
+    autocast), so its dtype handling is checked here."""
+    x = fashion_images[:8]
+    torch.manual_seed(0)
+    rnp = RNP(tiny_config()).train()
+    pyro.set_rng_seed(0)
+    with torch.no_grad():
+        fp32 = TrainStep(rnp, make_optimizer(rnp, 1e-3)).loss(x)
+    step = TrainStep(rnp, make_optimizer(rnp, 1e-3), amp="bf16")
+    pyro.set_rng_seed(0)
+    loss, applied = step(x)
+    assert bool(applied)
+    assert abs(loss.item() - fp32.item()) / fp32.item() < 0.01
+    assert all(p.dtype == torch.float32 and p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all()
+               for p in rnp.parameters() if p.grad is not None)
