@@ -120,6 +120,8 @@ class GeneratedPrograms:
         self.n = h.shape[0]
         self.head = head
         self.fast = _FAST_BACKWARD[0] and torch.is_grad_enabled() and not torch.is_autocast_enabled(h.device.type)
+        # without gradients (evaluation, figures) the value is only needed until release()
+        self.inference = not torch.is_grad_enabled()
         self.layers = {}
         offset = 0
         for layer in layout:
@@ -142,6 +144,13 @@ class GeneratedPrograms:
     def apply(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return _Apply.apply(x, self._handle, self, name)
 
+    def release(self) -> None:
+        """The programs have run: without gradients, their weights' memory goes back to the pool
+        (on this project's CPU machine, re-faulting it in cost more than running the programs)."""
+        if self.inference and self.value is not None:
+            _POOL.give(self.value)
+            self.value, self.views = None, {}
+
 
 class _Generate(torch.autograd.Function):
     @staticmethod
@@ -150,7 +159,7 @@ class _Generate(torch.autograd.Function):
         if torch.is_autocast_enabled(h.device.type):  # mixed precision: autocast picks the dtype
             programs.value = torch.mm(h, head)
         else:
-            out = _POOL.take(shape, h) if programs.fast else h.new_empty(shape)
+            out = _POOL.take(shape, h) if programs.fast or programs.inference else h.new_empty(shape)
             programs.value = torch.mm(h, head, out=out)
         programs.dtype = programs.value.dtype
         programs._make_views()

@@ -194,6 +194,7 @@ class ProgramExecutor(nn.Module):
                 placed=torch.stack(placed_all, 1),
                 predictions=None if predictions[0] is None else torch.stack(predictions, 1),
                 children=children, child_z=torch.stack(states, 1))
+        programs.release()
         return canvas, part_term, tree
 
     def draw(self, z: torch.Tensor, level: int | None = None) -> torch.Tensor:
