@@ -305,7 +305,8 @@ def _say_resume(run_dir, path, epoch, step):
               help="paper: the paper's settings (200 epochs, 400 for Omniglot, lr 4e-5). "
                    "quick: same model, a schedule of minutes on a CPU.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs to train (with --resume: the new total).")
-@click.option("--batch-size", type=click.IntRange(min=2), help="Images per SVI step [preset: 64].")
+@click.option("--batch-size", type=click.IntRange(min=2),
+              help="Images per SVI step, per process under torchrun [preset: 64].")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Adam learning rate [preset].")
 @click.option("--head-lr-scale", type=click.FloatRange(min=0, min_open=True),
               help="The hypernetwork head's learning rate as a fraction of --lr [paper: 1; quick: 0.2].")
@@ -330,7 +331,8 @@ def _say_resume(run_dir, path, epoch, step):
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="auto picks CUDA when available.")
 @click.option("--seed", type=int, help="Random seed for initialisation, shuffling and sampling [0].")
-@click.option("--limit", type=click.IntRange(min=2), help="Use only the first N training images.")
+@click.option("--limit", type=click.IntRange(min=2),
+              help="Use only the first N training images (with --guide autonormal: the first N held-out, 10).")
 @click.option("--exclude-classes", type=ClassList(), help="Comma-separated labels to leave out of training and "
               "held-out data, e.g. 7 or 7,8 (for transfer experiments).")
 @click.option("--data-dir", type=click.Path(file_okay=False, path_type=pathlib.Path), envvar="PYRO_RNP_DATA",

@@ -56,11 +56,13 @@ def autonormal_from(source: RNP, images: torch.Tensor, config) -> RNP:
 
 def fit_autonormal(rnp: RNP, passes: int, lr: float, grad_clip: float = 0.2, progress: bool = False,
                    on_pass=None, stop=None) -> list[float]:
-    """SVI on the AutoNormal's parameters alone, all fitted images per step; returns the loss
-    per image of every pass. ``on_pass(k, loss)`` is called after each; ``stop()`` ends early."""
+    """SVI on the AutoNormal's parameters alone, all fitted images per step, the rate decaying to 0
+    by a cosine; returns the loss per image of every pass. ``on_pass(k, loss)`` is called after each; ``stop()`` ends early."""
     images = rnp.encoder.fitted_images
     optimizer = make_optimizer(rnp, lr)
-    step = TrainStep(rnp, optimizer, grad_clip, frozen=(rnp.executor, rnp.prior))
+    # cosine decay to 0: with one noisy sample per step, a constant rate leaves each image's q jittering
+    step = TrainStep(rnp, optimizer, grad_clip, schedule="cosine", total_steps=passes,
+                     frozen=(rnp.executor, rnp.prior))
     losses = []
     bar = tqdm(range(passes), desc="fit autonormal", unit="step", disable=not progress, dynamic_ncols=True)
     for k in bar:
@@ -105,7 +107,7 @@ def fit_autonormal_command(ctx, source_dir, guide, resume_dir, run_dir, device, 
     config = dataclasses.replace(source_config, guide="autonormal", limit=n, exclude_classes=(),
                                  epochs=params["epochs"] or DEFAULT_PASSES, lr=params["lr"] or DEFAULT_LR,
                                  seed=params["seed"] if params["seed"] is not None else source_config.seed,
-                                 lr_warmup_steps=0, lr_schedule="constant", head_lr_scale=1.0)
+                                 lr_warmup_steps=0, lr_schedule="cosine", head_lr_scale=1.0)
     images, _ = held_out(config, data_dir, download, n)
     images = images.to(device)
     run_dir = pathlib.Path(run_dir or f"runs/{config.dataset}-autonormal-{time.strftime('%Y%m%d-%H%M%S')}")
