@@ -110,9 +110,11 @@ def test_bad_flags_are_refused_in_one_line(args, message):
     assert "Traceback" not in out.stderr
 
 
-def test_missing_data_says_where_it_looked(tmp_path):
+def test_missing_data_says_where_it_looked(tmp_path, monkeypatch):
     empty = tmp_path / "nodata"
     empty.mkdir()
+    # an empty cache too: data extracted or downloaded there by earlier runs is used wherever --data-dir points
+    monkeypatch.setenv("PYRO_RNP_CACHE", str(tmp_path / "empty-cache"))
     out = fit("--dataset", "mnist", "--data-dir", str(empty), "--no-download", "--run-dir", str(tmp_path / "r"))
     assert out.returncode == 1
     assert str(empty) in out.stderr and "PYRO_RNP_DATA" in out.stderr and "--data-dir" in out.stderr
