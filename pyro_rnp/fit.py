@@ -27,7 +27,7 @@ from .evaluate import evaluate
 from .model import RNP
 from .runs import (CHECKPOINT, RunError, append_metrics, load_checkpoint, load_state, new_run_dir, read_config,
                    read_metrics, save_checkpoint, set_rng_state, write_config)
-from .distributed import (Context, any_across, broadcast_from_main, launched_by_torchrun, shard, sum_across,
+from .distributed import (Context, any_across, broadcast_from_main, shard, sum_across,
                           sync_batch_norms, teardown)
 from .distributed import setup as distributed_setup
 from .training import TrainStep, make_optimizer, state_finite
@@ -371,6 +371,7 @@ def main(ctx, dataset, preset, epochs, batch_size, lr, head_lr_scale, z_dim, dep
         from .oneshot import fit_autonormal_command
         return fit_autonormal_command(ctx, source_dir, guide, resume_dir, run_dir, torch_device, data_dir,
                                       not no_download, not quiet)
+    context, torch_device = distributed_setup(torch_device)  # one process unless launched by torchrun
     if resume_dir is not None:
         if run_dir is not None:
             raise click.UsageError("--resume continues a run in its own folder; drop --run-dir")
@@ -394,13 +395,10 @@ def main(ctx, dataset, preset, epochs, batch_size, lr, head_lr_scale, z_dim, dep
         except ValueError as e:
             raise click.UsageError(str(e)) from None
         run_dir = run_dir or new_run_dir(dataset)
-        if launched_by_torchrun():
-            context, torch_device = distributed_setup(torch_device)
-            run_dir = broadcast_from_main(context, run_dir)  # every process writes to rank 0's folder name
+        run_dir = broadcast_from_main(context, run_dir)  # under torchrun: rank 0's folder name everywhere
         if (run_dir / CHECKPOINT).exists():
             raise RunError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it, "
                            "or choose another --run-dir.")
-    context, torch_device = distributed_setup(torch_device)
     echo = click.echo if context.is_main else (lambda message: None)
     batch = (f"batch {config.batch_size} per process x {context.world} processes" if context.active
              else f"batch {config.batch_size}")
