@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from . import cpu
+
 ACTION_DIM = 6
 
 
@@ -83,27 +85,81 @@ class _BufferPool:
 
 
 _POOL = _BufferPool()
-_FAST_BACKWARD = [False]
-
+_FAST_BACKWARD: list["fast_backward | None"] = [None]
 
 
 class fast_backward:
     """A training step's fast path for generated programs (CPU speed, see pyro_rnp.bench).
 
-    Inside this context, the generated weights made in the forward pass recycle
-    their memory after their backward, and the head's gradient is added in place
-    into ``.grad`` instead of going through autograd's accumulation. Use it only
-    around one forward and exactly one backward whose gradients go to an
-    optimizer: a second backward through the same graph would read recycled
+    Inside this context the generated weights made in the forward pass recycle
+    their memory after their backward, and the head's gradient goes straight into
+    ``.grad``, past autograd's accumulation. On CPU, every program batch of the
+    pass writes its weight gradient into rows of one shared buffer, and the head's
+    gradient is one product over all of them (inner size 320 at paper sizes instead
+    of five products of 64), run when autograd finishes the backward pass; the
+    forward products read a transposed copy of the head made once per pass (see
+    cpu.py). Use it only around forward passes each followed by exactly one
+    backward whose gradients go to an optimizer, and do not change the head
+    inside it: a second backward through the same graph would read recycled
     memory, and gradient hooks on the head (DDP's among them) do not fire.
     """
 
+    def __init__(self):
+        self.batches: list[GeneratedPrograms] = []  # CPU batches of this forward pass, in order
+        self.rows = 0
+        self.slab: torch.Tensor | None = None       # (rows, numel): every batch's weight gradient
+        self.head_t: torch.Tensor | None = None
+
     def __enter__(self):
         self._before = _FAST_BACKWARD[0]
-        _FAST_BACKWARD[0] = True
+        _FAST_BACKWARD[0] = self
+        return self
 
     def __exit__(self, *exc):
         _FAST_BACKWARD[0] = self._before
+        self._reset()
+
+    def _register(self, programs: "GeneratedPrograms", device: torch.device) -> bool:
+        """Whether this batch's head gradient joins the pass's one product (CPU batches of one head)."""
+        if device.type != "cpu" or (self.batches and self.batches[0].head is not programs.head):
+            return False
+        programs.row = self.rows
+        self.rows += programs.n
+        self.batches.append(programs)
+        return True
+
+    def transposed_head(self, head: torch.Tensor) -> torch.Tensor | None:
+        """head.T, copied once per forward pass, when oneDNN runs this pass's forward products."""
+        if not cpu.uses_onednn(head):
+            return None
+        if self.head_t is None:
+            self.head_t = cpu.transpose_into(head, _POOL.take(head.shape[::-1], head))
+        return self.head_t
+
+    def _gradient_rows(self, programs: "GeneratedPrograms", like: torch.Tensor) -> torch.Tensor:
+        """This batch's rows of the slab; the first call of a backward pass queues the final product."""
+        if self.slab is None:
+            self.slab = _POOL.take((self.rows, programs.head.shape[1]), like)
+            torch.autograd.Variable._execution_engine.queue_callback(self._flush)
+        return self.slab[programs.row:programs.row + programs.n]
+
+    def _flush(self) -> None:
+        """head.grad += H^T G over every batch whose backward ran (called when autograd finishes)."""
+        done = [b for b in self.batches if b.deferred is not None]
+        if done:
+            head = done[0].head
+            if len(done) == len(self.batches):
+                head.grad = cpu.add_mm_tn(head.grad, torch.cat([b.deferred for b in done]), self.slab)
+            else:  # part of the forward pass was not differentiated: its rows hold stale numbers
+                for b in done:
+                    head.grad = cpu.add_mm_tn(head.grad, b.deferred, self.slab[b.row:b.row + b.n])
+        self._reset()
+
+    def _reset(self) -> None:
+        for buffer in (self.slab, self.head_t):
+            if buffer is not None:
+                _POOL.give(buffer)
+        self.batches, self.rows, self.slab, self.head_t = [], 0, None, None
 
 
 class GeneratedPrograms:
@@ -119,7 +175,10 @@ class GeneratedPrograms:
     def __init__(self, h: torch.Tensor, head: torch.Tensor, layout: list[GeneratedLayer]):
         self.n = h.shape[0]
         self.head = head
-        self.fast = _FAST_BACKWARD[0] and torch.is_grad_enabled() and not torch.is_autocast_enabled(h.device.type)
+        fast = _FAST_BACKWARD[0]
+        self.fast = fast is not None and torch.is_grad_enabled() and not torch.is_autocast_enabled(h.device.type)
+        self.row = 0
+        self.deferred: torch.Tensor | None = None  # h, once the head's gradient waits for the fast path's flush
         # without gradients (evaluation, figures) the value is only needed until release()
         self.inference = not torch.is_grad_enabled()
         self.layers = {}
@@ -128,9 +187,12 @@ class GeneratedPrograms:
             self.layers[layer.name] = (layer, offset)
             offset += layer.numel
         self.value: torch.Tensor | None = None
+        self.pooled = False  # whether value's memory came from (and goes back to) _POOL
         self.dtype = h.dtype
         self.views: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.saved = {name: ([], []) for name in self.layers}
+        # the fast path that forms this batch's head gradient together with the others', if any
+        self.collector = fast if self.fast and fast._register(self, h.device) else None
         # a zero-size tensor that links every application to the generating node in the graph
         self._handle = _Generate.apply(h, head, self)
 
@@ -148,7 +210,8 @@ class GeneratedPrograms:
         """The programs have run: without gradients, their weights' memory goes back to the pool
         (on this project's CPU machine, re-faulting it in cost more than running the programs)."""
         if self.inference and self.value is not None:
-            _POOL.give(self.value)
+            if self.pooled:
+                _POOL.give(self.value)
             self.value, self.views = None, {}
 
 
@@ -156,10 +219,17 @@ class _Generate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, head, programs):
         shape = (h.shape[0], head.shape[1])
+        head_t = programs.collector.transposed_head(head) if programs.collector is not None else None
         if torch.is_autocast_enabled(h.device.type):  # mixed precision: autocast picks the dtype
             programs.value = torch.mm(h, head)
+        elif head_t is not None:
+            # oneDNN writes fresh tensors: the product runs in column blocks that stay in cache
+            programs.pooled = True
+            out = _POOL.take(shape, h)
+            programs.value = cpu.mm_blocks(h, head_t, out)
         else:
-            out = _POOL.take(shape, h) if programs.fast or programs.inference else h.new_empty(shape)
+            programs.pooled = programs.fast or programs.inference
+            out = _POOL.take(shape, h) if programs.pooled else h.new_empty(shape)
             programs.value = torch.mm(h, head, out=out)
         programs.dtype = programs.value.dtype
         programs._make_views()
@@ -172,7 +242,13 @@ class _Generate(torch.autograd.Function):
         programs = ctx.programs
         h, head = ctx.saved_tensors
         n, dtype = h.shape[0], programs.dtype  # under autocast the products run in the forward's dtype
-        grad = _POOL.take((n, head.shape[1]), h) if programs.fast else h.new_empty((n, head.shape[1]), dtype=dtype)
+        defer = programs.collector is not None and ctx.needs_input_grad[1]
+        if defer:
+            grad = programs.collector._gradient_rows(programs, h)
+        elif programs.fast:
+            grad = _POOL.take((n, head.shape[1]), h)
+        else:
+            grad = h.new_empty((n, head.shape[1]), dtype=dtype)
         for name, (layer, offset) in programs.layers.items():
             block = grad[:, offset:offset + layer.numel].view(n, layer.rows, layer.outputs)
             xs, gs = programs.saved[name]
@@ -186,9 +262,11 @@ class _Generate(torch.autograd.Function):
             if layer.bias:
                 torch.sum(g, dim=1, out=block[:, layer.inputs])
         programs.saved = {name: ([], []) for name in programs.layers}
-        grad_h = torch.mm(grad, head.t().to(dtype)) if ctx.needs_input_grad[0] else None
+        grad_h = cpu.mm_nt(grad, head.to(dtype)) if ctx.needs_input_grad[0] else None
         grad_head = None
-        if ctx.needs_input_grad[1]:
+        if defer:
+            programs.deferred = h
+        elif ctx.needs_input_grad[1]:
             param = programs.head
             if programs.fast and param.grad is not None:
                 param.grad.addmm_(h.t(), grad)  # in place: a fresh buffer would be page-faulted in
@@ -197,8 +275,10 @@ class _Generate(torch.autograd.Function):
             else:
                 grad_head = torch.mm(h.t().to(dtype), grad)
         if programs.fast:
-            _POOL.give(grad)
-            _POOL.give(programs.value)
+            if not defer:
+                _POOL.give(grad)
+            if programs.pooled:
+                _POOL.give(programs.value)
             programs.value, programs.views = None, {}
         return grad_h, grad_head, None
 

@@ -32,9 +32,24 @@ def invert_theta(theta: torch.Tensor) -> torch.Tensor:
     return torch.stack([row0, row1], dim=-2)
 
 
+def affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``F.affine_grid(theta, (N, C, H, W), align_corners=False)`` as one matrix product.
+
+    PyTorch's version multiplies a per-sample copy of the base grid in a batched
+    product of inner size 3, which took a quarter of a millisecond per call at
+    batch 64 on CPU (24 calls per training step).
+    """
+    n = theta.shape[0]
+    xs = (torch.arange(width, dtype=theta.dtype, device=theta.device) * 2 + 1) / width - 1
+    ys = (torch.arange(height, dtype=theta.dtype, device=theta.device) * 2 + 1) / height - 1
+    base = torch.stack([xs.repeat(height), ys.repeat_interleave(width), torch.ones_like(ys).repeat_interleave(width)])
+    grid = torch.mm(theta.reshape(n * 2, 3), base)  # (N * 2, H * W): row 2n is x, row 2n + 1 is y
+    return grid.view(n, 2, height, width).permute(0, 2, 3, 1)
+
+
 def warp(image: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
     """Sample (N, 1, H, W) images at theta(canvas grid): bilinear, zeros outside."""
-    grid = F.affine_grid(theta, list(image.shape), align_corners=False)
+    grid = affine_grid(theta, image.shape[-2], image.shape[-1])
     return F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 

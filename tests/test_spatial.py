@@ -52,3 +52,11 @@ def test_children_are_smaller_than_their_parent():
     area_ratio = torch.linalg.det(theta[:, :, :2]).abs()  # canvas area per unit of patch area
     assert area_ratio.min() > 1.0
     assert math.isclose(float(action_to_theta(torch.zeros(1, 6), 3.3)[0, 0, 0]), 3.3, rel_tol=1e-6)
+
+
+def test_affine_grid_matches_pytorch():
+    import torch.nn.functional as F
+    from pyro_rnp.spatial import affine_grid
+    theta = random_theta(7, torch.Generator().manual_seed(3)).double()
+    expected = F.affine_grid(theta, [7, 1, 28, 20], align_corners=False)
+    assert torch.allclose(affine_grid(theta, 28, 20), expected, atol=1e-12)

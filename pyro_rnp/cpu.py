@@ -1,0 +1,96 @@
+"""CPU speed for the hypernetwork's head: its gradient products through oneDNN.
+
+The head's products per batch of programs, h @ head and its two gradients
+((64 x 64) times (64 x 133k) at paper sizes), were about half of a CPU training
+step. On this project's 2-core AMD EPYC, float32 ``torch.mm`` (MKL) ran the two
+gradient products at 110-130 GFLOP/s and oneDNN's matmul (the library behind
+PyTorch's CPU convolutions) at 260-320 GFLOP/s, both in full float32. PyTorch
+reaches oneDNN's float32 matmul only through ``torch.ops.mkldnn._linear_pointwise``,
+the op its compiler emits for CPU linear layers, so these helpers call it where it
+is present and agrees with ``torch.mm`` (checked once), and use ``torch.mm``
+otherwise; ``PYRO_RNP_ONEDNN=0`` always uses ``torch.mm``.
+
+The forward product h @ head stays in ``torch.mm``: the oneDNN op has no ``out=``,
+and a fresh 34 MB result is page-faulted in on first touch (slower than the
+product itself here), while a column block of the head's transpose, the way
+around that, made oneDNN reorder the whole head (100x slower); copying the
+transpose once per step cost more than it saved.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+_state: dict = {"onednn": None}
+
+
+def onednn_available() -> bool:
+    """Whether oneDNN's float32 matmul can be called here (checked once, against torch.mm)."""
+    if _state["onednn"] is None:
+        _state["onednn"] = os.environ.get("PYRO_RNP_ONEDNN", "1") != "0" and _onednn_works()
+    return _state["onednn"]
+
+
+def _onednn_works() -> bool:
+    try:
+        if not torch.backends.mkldnn.is_available():
+            return False
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(5, 7, generator=generator)
+        w = torch.randn(7, 3, generator=generator)
+        y = _linear(x, w.t())
+        return y.shape == (5, 3) and torch.allclose(y, x @ w, rtol=1e-5, atol=1e-5)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T in oneDNN."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+
+
+def uses_onednn(*tensors: torch.Tensor) -> bool:
+    """Whether products of these tensors run in oneDNN: float32 on CPU, outside autocast."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and not torch.is_autocast_enabled("cpu") and onednn_available())
+
+
+def mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b.T for a (n, m) and b (k, m) with a small result (n, k)."""
+    if not uses_onednn(a, b):
+        return torch.mm(a, b.t())
+    return _linear(a.contiguous(), b.contiguous())
+
+
+BLOCK = 8192  # columns per block of a wide product: 2 MB results at batch 64
+
+
+def mm_blocks(a: torch.Tensor, bt: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = a @ bt.T for a small a (n, k) and a wide b given as its contiguous transpose bt (m, k), in
+    column blocks whose results stay in cache until copied into ``out`` (oneDNN writes fresh tensors,
+    and a fresh 34 MB result is page-faulted in; measured slower than the product)."""
+    if not uses_onednn(a, bt, out):
+        return torch.mm(a, bt.t(), out=out)
+    a = a.contiguous()
+    for start in range(0, bt.shape[0], BLOCK):
+        out[:, start:start + BLOCK].copy_(_linear(a, bt[start:start + BLOCK]))
+    return out
+
+
+def transpose_into(b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out = b.T for a wide b (k, m), in column blocks that transpose within cache (1.6x faster
+    than one strided copy of the head here)."""
+    with torch.no_grad():
+        for start in range(0, b.shape[1], 4096):
+            out[start:start + 4096].copy_(b[:, start:start + 4096].t())
+    return out
+
+
+def add_mm_tn(target: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """target + a.T @ b (in place when target is given) for a tall a (r, k) and a wide b (r, m):
+    the head's gradient from all program batches."""
+    if not uses_onednn(a, b):
+        return torch.mm(a.t(), b) if target is None else target.addmm_(a.t(), b)
+    product = _linear(a.t().contiguous(), b.t())
+    return product if target is None else target.add_(product)

@@ -1,0 +1,83 @@
+"""The CPU products of the hypernetwork's head (oneDNN where it runs, torch.mm otherwise) and the fast
+training path that uses them give the numbers plain autograd gives."""
+import pytest
+import torch
+from pyro.infer import Trace_ELBO
+
+from conftest import tiny_config
+from pyro_rnp import RNP, cpu
+from pyro_rnp.hypernet import GeneratedLayer, GeneratedPrograms, fast_backward
+
+
+@pytest.fixture(params=["onednn", "torch.mm"])
+def backend(request, monkeypatch):
+    if request.param == "onednn" and not cpu.onednn_available():
+        pytest.skip("oneDNN's matmul is not available in this PyTorch build")
+    monkeypatch.setitem(cpu._state, "onednn", request.param == "onednn")
+    return request.param
+
+
+def test_head_products_match_float64(backend):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(6, 5, generator=g)
+    head = torch.randn(5, 3 * cpu.BLOCK // 2 + 7, generator=g)  # a partial last block
+    grad = torch.randn(6, head.shape[1], generator=g)
+    exact = h.double() @ head.double()
+    head_t = cpu.transpose_into(head, torch.empty(head.shape[::-1]))
+    assert torch.equal(head_t, head.t())
+    assert torch.allclose(cpu.mm_blocks(h, head_t, torch.empty(6, head.shape[1])).double(), exact, atol=1e-4)
+    assert torch.allclose(cpu.mm_nt(grad, head).double(), grad.double() @ head.double().t(), atol=1e-3)
+    tn = h.double().t() @ grad.double()
+    assert torch.allclose(cpu.add_mm_tn(None, h, grad).double(), tn, atol=1e-4)
+    target = torch.ones(5, head.shape[1])
+    out = cpu.add_mm_tn(target, h, grad)
+    assert out is target and torch.allclose(out.double(), tn + 1, atol=1e-4)
+
+
+def test_onednn_is_refused_for_other_dtypes(backend):
+    assert not cpu.uses_onednn(torch.zeros(2, dtype=torch.float64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not cpu.uses_onednn(torch.zeros(2))
+
+
+def test_fast_step_gradients_match_plain_autograd(backend, fashion_images):
+    """The fast path (column-block forward, deferred head gradient over all program batches) in float32."""
+    torch.manual_seed(0)
+    rnp = RNP(tiny_config(depth=2, steps=3))
+    x = fashion_images[:6]
+    grads = []
+    for fast in (False, True):
+        rnp.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same reparameterised sample of z
+        with fast_backward() if fast else torch.enable_grad():
+            Trace_ELBO().differentiable_loss(rnp.model, rnp.guide, x).backward()
+        grads.append({name: p.grad.clone() for name, p in rnp.named_parameters()})
+    plain, fast = grads
+    # float32 rounding differs between the two orders of summation; some gradients are rounding noise
+    # (a bias before batch norm), so the tolerance is relative to the largest gradient
+    scale = max(g.abs().max() for g in plain.values())
+    for name in plain:
+        assert torch.allclose(fast[name], plain[name], rtol=1e-3, atol=1e-5 * scale), name
+    head = "executor.hypernet.head"
+    assert torch.allclose(fast[head], plain[head], rtol=1e-4, atol=1e-6 * plain[head].abs().max())
+
+
+def test_deferred_head_gradient_skips_batches_that_were_not_differentiated(backend):
+    """A program batch made in the forward pass but not used by the loss leaves no trace in the head's
+    gradient (its rows of the shared buffer are never written)."""
+    layout = [GeneratedLayer("a", 5, 3, True, "g")]
+    numel = layout[0].numel
+
+    def run(fast, unused_first):
+        torch.manual_seed(0)
+        head = torch.nn.Parameter(torch.randn(4, numel))
+        hs = [torch.randn(3, 4, requires_grad=True) for _ in range(2)]
+        x = torch.randn(3, 5)
+        with fast_backward() if fast else torch.enable_grad():
+            batches = [GeneratedPrograms(h, head, layout) for h in hs]
+            used = batches[1] if unused_first else batches[0]
+            used.apply("a", x).square().sum().backward()
+        return head.grad
+
+    for unused_first in (True, False):
+        assert torch.allclose(run(False, unused_first), run(True, unused_first), atol=1e-5)
