@@ -7,6 +7,9 @@ found, and reports the median images/s of each and their ratio.
 
 Profile the step (what to look at before optimising):
     python -m pyro_rnp.bench --profile
+The head's products run in oneDNN on CPU (see pyro_rnp/cpu.py); to time the
+step with torch.mm instead:
+    PYRO_RNP_ONEDNN=0 python -m pyro_rnp.bench
 """
 from __future__ import annotations
 
@@ -29,8 +32,8 @@ VARIANTS = {"fp32": (None, False), "bf16": ("bf16", False), "compile": (None, Tr
 
 
 def time_steps(batch_size: int, steps: int, device: torch.device, seed: int = 0, variant: str = "fp32") -> float:
-    """Images/s of ``steps`` training steps of the paper-size RNP after warm-up steps (more with
-    torch.compile, whose first calls compile)."""
+    """Images/s of ``steps`` training steps of the paper-size RNP after warm-up steps: five, for
+    the buffers that the CPU path recycles to settle (and torch.compile to compile)."""
     from .config import RNPConfig
     from .fit import compile_model
     from .model import RNP
@@ -43,7 +46,7 @@ def time_steps(batch_size: int, steps: int, device: torch.device, seed: int = 0,
         compile_model(rnp)
     step = TrainStep(rnp, make_optimizer(rnp, 4e-5), amp=amp)
     x = torch.rand(batch_size, 1, 28, 28, device=device)
-    for _ in range(5 if compiled else 2):
+    for _ in range(5):
         step(x)
     _sync(device)
     start = time.perf_counter()
@@ -85,7 +88,7 @@ def profile(batch_size: int, device: torch.device) -> str:
 
 @click.command(name="pyro_rnp.bench", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=8, show_default=True, help="Timed steps per round.")
+@click.option("--steps", type=click.IntRange(min=1), default=16, show_default=True, help="Timed steps per round.")
 @click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
               help="Alternating rounds of ours and the reference; medians are reported.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)

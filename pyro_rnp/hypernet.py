@@ -62,6 +62,49 @@ def generated_layout(z_dim: int, hidden: int, embed: int, action_hidden: int, pi
     return layout
 
 
+GROUP_COLUMNS = 8192
+
+
+def column_groups(layout: list[GeneratedLayer], limit: int | None = None) -> list[tuple[int, int]]:
+    """The head's columns cut into runs of at most ``limit`` at layer or row boundaries (a row of a
+    generated layer has ``outputs`` columns and is never cut).
+
+    The fast CPU path keeps each run's gradient rows in a buffer of its own, so the
+    head's gradient comes out in results of 64 x limit numbers (2 MB) that glibc
+    serves warm from its heap; one 34 MB result is mapped afresh and page-faulted in
+    on every step (8k faults, 8-40 ms per step here), and 16 MB ones made the heap
+    grow every step.
+    """
+    limit = limit or GROUP_COLUMNS
+    groups, start, end = [], 0, 0
+    for layer in layout:
+        rows_left = layer.rows
+        while rows_left:
+            room = (start + limit - end) // layer.outputs
+            if room == 0 and end > start:
+                groups.append((start, end))
+                start = end
+                continue
+            take = min(rows_left, max(room, 1))
+            end += take * layer.outputs
+            rows_left -= take
+    groups.append((start, end))
+    return groups
+
+
+def _pieces(layers: dict, groups: list[tuple[int, int]]) -> dict[str, list[tuple[int, int, int, int]]]:
+    """For each layer, its parts in the column groups: (group, first column in the group, first row,
+    end row) of the layer's (rows, outputs) matrix."""
+    pieces = {}
+    for name, (layer, offset) in layers.items():
+        pieces[name] = []
+        for g, (start, stop) in enumerate(groups):
+            lo, hi = max(start, offset), min(stop, offset + layer.numel)
+            if lo < hi:
+                pieces[name].append((g, lo - start, (lo - offset) // layer.outputs, (hi - offset) // layer.outputs))
+    return pieces
+
+
 class _BufferPool:
     """Reuses the large CPU buffers of generated programs and their gradients across steps.
 
@@ -107,7 +150,7 @@ class fast_backward:
     def __init__(self):
         self.batches: list[GeneratedPrograms] = []  # CPU batches of this forward pass, in order
         self.rows = 0
-        self.slab: torch.Tensor | None = None       # (rows, numel): every batch's weight gradient
+        self.slabs: list[torch.Tensor] | None = None  # per column group, (rows, columns): every batch's gradient
         self.head_t: torch.Tensor | None = None
 
     def __enter__(self):
@@ -136,30 +179,35 @@ class fast_backward:
             self.head_t = cpu.transpose_into(head, _POOL.take(head.shape[::-1], head))
         return self.head_t
 
-    def _gradient_rows(self, programs: "GeneratedPrograms", like: torch.Tensor) -> torch.Tensor:
-        """This batch's rows of the slab; the first call of a backward pass queues the final product."""
-        if self.slab is None:
-            self.slab = _POOL.take((self.rows, programs.head.shape[1]), like)
+    def _gradient_rows(self, programs: "GeneratedPrograms", like: torch.Tensor) -> list[torch.Tensor]:
+        """This batch's rows of each column group's buffer; the first call of a backward pass queues
+        the final product."""
+        if self.slabs is None:
+            self.slabs = [_POOL.take((self.rows, stop - start), like) for start, stop in programs.groups]
             torch.autograd.Variable._execution_engine.queue_callback(self._flush)
-        return self.slab[programs.row:programs.row + programs.n]
+        return [slab[programs.row:programs.row + programs.n] for slab in self.slabs]
 
     def _flush(self) -> None:
         """head.grad += H^T G over every batch whose backward ran (called when autograd finishes)."""
         done = [b for b in self.batches if b.deferred is not None]
         if done:
             head = done[0].head
-            if len(done) == len(self.batches):
-                head.grad = cpu.add_mm_tn(head.grad, torch.cat([b.deferred for b in done]), self.slab)
-            else:  # part of the forward pass was not differentiated: its rows hold stale numbers
-                for b in done:
-                    head.grad = cpu.add_mm_tn(head.grad, b.deferred, self.slab[b.row:b.row + b.n])
+            if head.grad is None:
+                head.grad = torch.zeros_like(head)
+            for (start, stop), slab in zip(done[0].groups, self.slabs):
+                target = head.grad[:, start:stop]
+                if len(done) == len(self.batches):
+                    cpu.add_mm_tn(target, torch.cat([b.deferred for b in done]), slab)
+                else:  # part of the forward pass was not differentiated: its rows hold stale numbers
+                    for b in done:
+                        cpu.add_mm_tn(target, b.deferred, slab[b.row:b.row + b.n])
         self._reset()
 
     def _reset(self) -> None:
-        for buffer in (self.slab, self.head_t):
+        for buffer in (self.slabs or []) + [self.head_t]:
             if buffer is not None:
                 _POOL.give(buffer)
-        self.batches, self.rows, self.slab, self.head_t = [], 0, None, None
+        self.batches, self.rows, self.slabs, self.head_t = [], 0, None, None
 
 
 class GeneratedPrograms:
@@ -186,6 +234,8 @@ class GeneratedPrograms:
         for layer in layout:
             self.layers[layer.name] = (layer, offset)
             offset += layer.numel
+        self.groups = column_groups(layout)
+        self.pieces = _pieces(self.layers, self.groups)
         self.value: torch.Tensor | None = None
         self.pooled = False  # whether value's memory came from (and goes back to) _POOL
         self.dtype = h.dtype
@@ -205,6 +255,16 @@ class GeneratedPrograms:
 
     def apply(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return _Apply.apply(x, self._handle, self, name)
+
+    def chain(self, names: tuple[str, ...], x: torch.Tensor, elu: bool, elu_first: bool,
+              out: str | None = None) -> torch.Tensor:
+        """Generated layers ``names`` in a row, with ELU between them (and before the first if
+        ``elu_first``; none when ``elu`` is False) and ``out`` ("relu", "sin" or None) at the end.
+
+        One graph node for a whole generated MLP: a training step runs about a hundred of
+        them, and each node and activation of its own cost Python and autograd time.
+        """
+        return _ApplyChain.apply(x, self._handle, self, names, elu, elu_first, out)
 
     def release(self) -> None:
         """The programs have run: without gradients, their weights' memory goes back to the pool
@@ -243,40 +303,48 @@ class _Generate(torch.autograd.Function):
         h, head = ctx.saved_tensors
         n, dtype = h.shape[0], programs.dtype  # under autocast the products run in the forward's dtype
         defer = programs.collector is not None and ctx.needs_input_grad[1]
-        if defer:
-            grad = programs.collector._gradient_rows(programs, h)
-        elif programs.fast:
-            grad = _POOL.take((n, head.shape[1]), h)
+        if defer:  # one buffer per column group, shared with the pass's other batches
+            groups, grads = programs.groups, programs.collector._gradient_rows(programs, h)
         else:
-            grad = h.new_empty((n, head.shape[1]), dtype=dtype)
+            groups = [(0, head.shape[1])]
+            grads = [_POOL.take((n, head.shape[1]), h) if programs.fast
+                     else h.new_empty((n, head.shape[1]), dtype=dtype)]
         for name, (layer, offset) in programs.layers.items():
-            block = grad[:, offset:offset + layer.numel].view(n, layer.rows, layer.outputs)
             xs, gs = programs.saved[name]
-            if not gs:
-                block.zero_()
-                continue
-            g = torch.stack(gs, dim=1).to(dtype)                          # (N, T, o)
-            if layer.inputs:
-                # the sum over steps of x_t^T g_t, formed once (a transposed view is the fast bmm layout)
-                torch.bmm(torch.stack(xs, dim=1).to(dtype).transpose(1, 2), g, out=block[:, :layer.inputs])
-            if layer.bias:
-                torch.sum(g, dim=1, out=block[:, layer.inputs])
+            g = torch.stack(gs, dim=1).to(dtype) if gs else None               # (N, T, o)
+            x = torch.stack(xs, dim=1).to(dtype).transpose(1, 2) if gs and layer.inputs else None  # (N, i, T)
+            for group, column, first, end in (programs.pieces[name] if defer else [(0, offset, 0, layer.rows)]):
+                block = grads[group][:, column:column + (end - first) * layer.outputs]
+                block = block.view(n, end - first, layer.outputs)
+                if g is None:
+                    block.zero_()
+                    continue
+                weights = min(end, layer.inputs) - first
+                if weights > 0:
+                    # the sum over steps of x_t^T g_t, formed once (a transposed view is the fast bmm layout)
+                    torch.bmm(x[:, first:first + weights], g, out=block[:, :weights])
+                if end > layer.inputs:  # the bias row
+                    torch.sum(g, dim=1, out=block[:, layer.inputs - first])
         programs.saved = {name: ([], []) for name in programs.layers}
-        grad_h = cpu.mm_nt(grad, head.to(dtype)) if ctx.needs_input_grad[0] else None
+        grad_h = None
+        if ctx.needs_input_grad[0]:
+            head_t = programs.collector.head_t if programs.collector is not None else None
+            grad_h = sum(cpu.mm_nt(grad, head[:, start:stop].to(dtype)) if head_t is None
+                         else cpu.mm(grad, head_t[start:stop]) for (start, stop), grad in zip(groups, grads))
         grad_head = None
         if defer:
             programs.deferred = h
         elif ctx.needs_input_grad[1]:
             param = programs.head
             if programs.fast and param.grad is not None:
-                param.grad.addmm_(h.t(), grad)  # in place: a fresh buffer would be page-faulted in
+                param.grad.addmm_(h.t(), grads[0])  # in place: a fresh buffer would be page-faulted in
             elif programs.fast:
-                param.grad = torch.mm(h.t(), grad)
+                param.grad = torch.mm(h.t(), grads[0])
             else:
-                grad_head = torch.mm(h.t().to(dtype), grad)
+                grad_head = torch.mm(h.t().to(dtype), grads[0])
         if programs.fast:
             if not defer:
-                _POOL.give(grad)
+                _POOL.give(grads[0])
             if programs.pooled:
                 _POOL.give(programs.value)
             programs.value, programs.views = None, {}
@@ -306,6 +374,52 @@ class _Apply(torch.autograd.Function):
             xs.append(x)
             gs.append(grad)
         return grad_x, grad.new_empty(0), None, None
+
+
+def _linear(programs: GeneratedPrograms, name: str, x: torch.Tensor) -> torch.Tensor:
+    w, b = programs.views[name]
+    x3 = x.unsqueeze(1)
+    return (torch.bmm(x3, w) if b is None else torch.baddbmm(b, x3, w)).squeeze(1)
+
+
+class _ApplyChain(torch.autograd.Function):
+    """Several generated layers and their activations as one graph node (GeneratedPrograms.chain)."""
+
+    @staticmethod
+    def forward(ctx, x, handle, programs, names, elu, elu_first, out):
+        inputs = []   # what each layer read
+        h = x
+        for k, name in enumerate(names):
+            if elu and (k > 0 or elu_first):
+                h = torch.nn.functional.elu(h)
+            inputs.append(h)
+            h = _linear(programs, name, h)
+        y = h if out is None else torch.relu(h) if out == "relu" else torch.sin(h)
+        ctx.programs, ctx.names, ctx.elu, ctx.elu_first, ctx.out = programs, names, elu, elu_first, out
+        ctx.save_for_backward(h if out == "sin" else y, *inputs)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        last, *inputs = ctx.saved_tensors
+        programs, names = ctx.programs, ctx.names
+        if ctx.out == "relu":
+            grad = grad * (last > 0)
+        elif ctx.out == "sin":
+            grad = grad * torch.cos(last)
+        for k in reversed(range(len(names))):
+            if ctx.needs_input_grad[1]:
+                xs, gs = programs.saved[names[k]]
+                xs.append(inputs[k])
+                gs.append(grad)
+            activated = ctx.elu and (k > 0 or ctx.elu_first)
+            if k == 0 and not ctx.needs_input_grad[0]:
+                return None, grad.new_empty(0), None, None, None, None, None
+            w, _ = programs.views[names[k]]
+            grad = torch.bmm(grad.unsqueeze(1), w.transpose(1, 2)).squeeze(1)
+            if activated:  # ELU's derivative from its output: 1 above zero, output + 1 below
+                grad = torch.ops.aten.elu_backward(grad, 1.0, 1, 1, True, inputs[k])
+        return grad, grad.new_empty(0), None, None, None, None, None
 
 
 class HyperNetwork(nn.Module):

@@ -21,9 +21,10 @@ from .spatial import action_to_theta, crop, place
 class GeneratedNetworks:
     """The small networks that H writes for a batch of N programs (one set per program)."""
 
-    def __init__(self, programs: GeneratedPrograms, activation: Callable[[torch.Tensor], torch.Tensor]):
+    def __init__(self, programs: GeneratedPrograms, elu: bool):
+        self.programs = programs
         self.layer = programs.apply
-        self.act = activation
+        self.elu = elu
         self.empty = programs.head.new_empty(programs.n, 0)
 
     def initial_state(self, name: str) -> torch.Tensor:
@@ -32,29 +33,20 @@ class GeneratedNetworks:
 
     def encode(self, patch: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """E(patch, action): the sensory input both RNNs read."""
-        layer, act = self.layer, self.act
-        h = torch.cat([layer("enc0", patch), layer("enc1", action)], dim=1)
-        h = layer("enc2", act(h))
-        h = layer("enc3", act(h))
-        return layer("enc4", act(h))
+        h = torch.cat([self.layer("enc0", patch), self.layer("enc1", action)], dim=1)
+        return self.programs.chain(("enc2", "enc3", "enc4"), h, self.elu, elu_first=True)
 
     def rnn(self, name: str, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         """Elman cell h' = elu([h, e] W + b) for ``name`` in {"state", "policy"}."""
         return F.elu(self.layer(name, torch.cat([h, e], dim=1)))
 
     def decode_patch(self, z: torch.Tensor) -> torch.Tensor:
-        """D(z): a 28x28 patch (flattened), non-negative."""
-        return self._mlp(z, "dec", torch.relu)
+        """D(z): a 28x28 patch (flattened), non-negative: three hidden layers, the output layer, ReLU."""
+        return self.programs.chain(("dec0", "dec1", "dec2", "dec3"), z, self.elu, elu_first=False, out="relu")
 
     def decode_action(self, h: torch.Tensor) -> torch.Tensor:
-        """T(h): an action in [-1, 1]^6."""
-        return self._mlp(h, "act", torch.sin)
-
-    def _mlp(self, h: torch.Tensor, prefix: str, out) -> torch.Tensor:
-        """Three hidden layers, then the output layer and ``out``."""
-        for k in range(3):
-            h = self.act(self.layer(f"{prefix}{k}", h))
-        return out(self.layer(f"{prefix}3", h))
+        """T(h): an action in [-1, 1]^6: three hidden layers, the output layer, sin."""
+        return self.programs.chain(("act0", "act1", "act2", "act3"), h, self.elu, elu_first=False, out="sin")
 
 
 @dataclass
@@ -110,7 +102,6 @@ class ProgramExecutor(nn.Module):
         self.image_size = image_size
         self.generated_activation = generated_activation
         self.hypernet = HyperNetwork(z_dim, hidden, embed, action_hidden, image_size * image_size)
-        self._act = F.elu if generated_activation == "elu" else (lambda x: x)
 
     @classmethod
     def from_config(cls, config) -> "ProgramExecutor":
@@ -143,7 +134,7 @@ class ProgramExecutor(nn.Module):
     def _run(self, z, level, target, part_error, record):
         n, size = z.shape[0], self.image_size
         programs, action, patch = self.hypernet(z)
-        nets = GeneratedNetworks(programs, self._act)
+        nets = GeneratedNetworks(programs, self.generated_activation == "elu")
         h_state, h_policy = nets.initial_state("state"), nets.initial_state("policy")
         patch = patch.view(n, 1, size, size)
         canvas = 0.0

@@ -6,7 +6,8 @@ from pyro.infer import Trace_ELBO
 
 from conftest import tiny_config
 from pyro_rnp import RNP, cpu
-from pyro_rnp.hypernet import GeneratedLayer, GeneratedPrograms, fast_backward
+from pyro_rnp import hypernet
+from pyro_rnp.hypernet import GeneratedLayer, GeneratedPrograms, HyperNetwork, column_groups, fast_backward
 
 
 @pytest.fixture(params=["onednn", "torch.mm"])
@@ -40,10 +41,32 @@ def test_onednn_is_refused_for_other_dtypes(backend):
         assert not cpu.uses_onednn(torch.zeros(2))
 
 
-def test_fast_step_gradients_match_plain_autograd(backend, fashion_images):
-    """The fast path (column-block forward, deferred head gradient over all program batches) in float32."""
+def test_column_groups_cut_the_head_at_row_boundaries():
+    layout = HyperNetwork(32).layout
+    groups = column_groups(layout)
+    assert groups[0][0] == 0 and groups[-1][1] == sum(layer.numel for layer in layout)
+    assert all(a[1] == b[0] for a, b in zip(groups, groups[1:]))
+    assert max(stop - start for start, stop in groups) <= hypernet.GROUP_COLUMNS
+    # no row of a generated layer is cut
+    offsets, offset = {}, 0
+    for layer in layout:
+        offsets[layer.name] = offset
+        offset += layer.numel
+    for start, _ in groups[1:]:
+        layer = next(layer for layer in layout if offsets[layer.name] <= start < offsets[layer.name] + layer.numel)
+        assert (start - offsets[layer.name]) % layer.outputs == 0
+
+
+@pytest.mark.parametrize("group_columns", [8192, 50])
+def test_fast_step_gradients_match_plain_autograd(backend, group_columns, fashion_images, monkeypatch):
+    """The fast path (column-block forward, deferred head gradient over all program batches, gradient
+    rows kept per column group; 50 columns cuts the tiny model's layers across groups) in float32."""
+    monkeypatch.setattr(hypernet, "GROUP_COLUMNS", group_columns)
     torch.manual_seed(0)
     rnp = RNP(tiny_config(depth=2, steps=3))
+    layout = rnp.executor.hypernet.layout
+    if group_columns == 50:
+        assert len(column_groups(layout)) > len(layout)  # some layers span several groups
     x = fashion_images[:6]
     grads = []
     for fast in (False, True):

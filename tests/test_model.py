@@ -139,3 +139,35 @@ def test_config_presets():
     with pytest.raises(ValueError, match="unknown dataset"):
         RNPConfig.preset("cifar")
     assert RNPConfig.from_dict(paper.to_dict()) == paper
+
+
+@pytest.mark.parametrize("elu,elu_first,out", [(True, True, None), (True, False, "relu"), (True, False, "sin"),
+                                                (False, False, "relu"), (False, True, "sin")])
+def test_generated_chain_matches_its_layers_one_by_one(elu, elu_first, out):
+    """GeneratedPrograms.chain (one graph node for a generated MLP) gives the values and gradients of
+    applying its layers and activations one at a time."""
+    n, hidden = 4, 6
+    layout = [GeneratedLayer("a", 5, 3, True, "g"), GeneratedLayer("b", 3, 4, True, "g"),
+              GeneratedLayer("c", 4, 2, False, "g")]
+    numel = sum(layer.numel for layer in layout)
+    finish = {None: lambda y: y, "relu": torch.relu, "sin": torch.sin}[out]
+    act = torch.nn.functional.elu if elu else (lambda y: y)
+
+    def run(chained):
+        torch.manual_seed(2)
+        h = torch.randn(n, hidden, dtype=torch.float64, requires_grad=True)
+        head = torch.nn.Parameter(torch.randn(hidden, numel, dtype=torch.float64) / 3)
+        x = torch.randn(n, 5, dtype=torch.float64, requires_grad=True)
+        programs = GeneratedPrograms(h, head, layout)
+        if chained:
+            y = programs.chain(("a", "b", "c"), x, elu, elu_first, out)
+        else:
+            y = x
+            for k, name in enumerate("abc"):
+                y = programs.apply(name, act(y) if k > 0 or elu_first else y)
+            y = finish(y)
+        (y * torch.arange(1.0, 3.0, dtype=torch.float64)).sum().backward()
+        return [y.detach(), x.grad, h.grad, head.grad]
+
+    for a, b in zip(run(False), run(True)):
+        assert torch.allclose(a, b, atol=1e-12)
