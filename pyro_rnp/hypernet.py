@@ -213,11 +213,13 @@ class fast_backward:
 class GeneratedPrograms:
     """The weights of N generated programs: value = h @ head, (N, numel per program).
 
-    ``apply(name, x)`` runs generated layer ``name`` on x (N, inputs). Each
-    application's backward keeps its input and output gradient; the generating
-    node then forms every layer's weight gradient once, over all the steps that
-    used it, in one (N, numel) buffer, and passes it to the head and to h with two
-    matrix products.
+    ``apply(name, x)`` runs generated layer ``name`` on x (N, inputs), ``chain``
+    a generated MLP. Each application's backward keeps its input and output
+    gradient; the generating node then forms every layer's weight gradient once,
+    over all the steps that used it, in an (N, numel) buffer (on the fast CPU
+    path: rows of per-column-group buffers shared by the step's batches), and
+    passes it to h with one matrix product and to the head with another (on the
+    fast CPU path: one for all of the step's batches, see ``fast_backward``).
     """
 
     def __init__(self, h: torch.Tensor, head: torch.Tensor, layout: list[GeneratedLayer]):
