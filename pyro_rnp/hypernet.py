@@ -10,6 +10,7 @@ gradient of each generated layer is formed once for all steps that used it.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -105,6 +106,18 @@ def _pieces(layers: dict, groups: list[tuple[int, int]]) -> dict[str, list[tuple
     return pieces
 
 
+@functools.lru_cache(maxsize=32)
+def _plan(layout: tuple[GeneratedLayer, ...], limit: int):
+    """Each layer's (layer, column offset), the column groups, and each layer's pieces in them: worked
+    out once per layout (every batch of programs of a step shares it)."""
+    layers, offset = {}, 0
+    for layer in layout:
+        layers[layer.name] = (layer, offset)
+        offset += layer.numel
+    groups = column_groups(list(layout), limit)
+    return layers, groups, _pieces(layers, groups)
+
+
 class _BufferPool:
     """Reuses the large CPU buffers of generated programs and their gradients across steps.
 
@@ -123,7 +136,8 @@ class _BufferPool:
         return stack.pop() if stack else like.new_empty(shape)
 
     def give(self, tensor: torch.Tensor) -> None:
-        if tensor.device.type == "cpu":
+        # a tensor made under torch.inference_mode cannot be written later by a step that records gradients
+        if tensor.device.type == "cpu" and not tensor.is_inference():
             self.free.setdefault((tuple(tensor.shape), tensor.dtype), []).append(tensor)
 
 
@@ -194,10 +208,11 @@ class fast_backward:
             head = done[0].head
             if head.grad is None:
                 head.grad = torch.zeros_like(head)
+            every_h = torch.cat([b.deferred for b in done]) if len(done) == len(self.batches) else None
             for (start, stop), slab in zip(done[0].groups, self.slabs):
                 target = head.grad[:, start:stop]
-                if len(done) == len(self.batches):
-                    cpu.add_mm_tn(target, torch.cat([b.deferred for b in done]), slab)
+                if every_h is not None:
+                    cpu.add_mm_tn(target, every_h, slab)
                 else:  # part of the forward pass was not differentiated: its rows hold stale numbers
                     for b in done:
                         cpu.add_mm_tn(target, b.deferred, slab[b.row:b.row + b.n])
@@ -231,13 +246,7 @@ class GeneratedPrograms:
         self.deferred: torch.Tensor | None = None  # h, once the head's gradient waits for the fast path's flush
         # without gradients (evaluation, figures) the value is only needed until release()
         self.inference = not torch.is_grad_enabled()
-        self.layers = {}
-        offset = 0
-        for layer in layout:
-            self.layers[layer.name] = (layer, offset)
-            offset += layer.numel
-        self.groups = column_groups(layout)
-        self.pieces = _pieces(self.layers, self.groups)
+        self.layers, self.groups, self.pieces = _plan(tuple(layout), GROUP_COLUMNS)
         self.value: torch.Tensor | None = None
         self.pooled = False  # whether value's memory came from (and goes back to) _POOL
         self.dtype = h.dtype
@@ -353,15 +362,25 @@ class _Generate(torch.autograd.Function):
         return grad_h, grad_head, None
 
 
+def _linear(programs: GeneratedPrograms, name: str, x: torch.Tensor) -> torch.Tensor:
+    """Generated layer ``name`` on x (N, inputs): one batched product per layer for all programs."""
+    w, b = programs.views[name]
+    x3 = x.unsqueeze(1)
+    return (torch.bmm(x3, w) if b is None else torch.baddbmm(b, x3, w)).squeeze(1)
+
+
+def _grad_input(programs: GeneratedPrograms, name: str, grad: torch.Tensor) -> torch.Tensor:
+    """The gradient of generated layer ``name``'s input, from its output's."""
+    w, _ = programs.views[name]
+    return torch.bmm(grad.unsqueeze(1), w.transpose(1, 2)).squeeze(1)
+
+
 class _Apply(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, handle, programs, name):
-        w, b = programs.views[name]
-        x3 = x.unsqueeze(1)
-        y = torch.bmm(x3, w) if b is None else torch.baddbmm(b, x3, w)
         ctx.programs, ctx.name = programs, name
         ctx.save_for_backward(x)
-        return y.squeeze(1)
+        return _linear(programs, name, x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -369,19 +388,12 @@ class _Apply(torch.autograd.Function):
         programs, name = ctx.programs, ctx.name
         grad_x = None
         if ctx.needs_input_grad[0]:
-            w, _ = programs.views[name]
-            grad_x = torch.bmm(grad.unsqueeze(1), w.transpose(1, 2)).squeeze(1)
+            grad_x = _grad_input(programs, name, grad)
         if ctx.needs_input_grad[1]:
             xs, gs = programs.saved[name]
             xs.append(x)
             gs.append(grad)
         return grad_x, grad.new_empty(0), None, None
-
-
-def _linear(programs: GeneratedPrograms, name: str, x: torch.Tensor) -> torch.Tensor:
-    w, b = programs.views[name]
-    x3 = x.unsqueeze(1)
-    return (torch.bmm(x3, w) if b is None else torch.baddbmm(b, x3, w)).squeeze(1)
 
 
 class _ApplyChain(torch.autograd.Function):
@@ -417,8 +429,7 @@ class _ApplyChain(torch.autograd.Function):
             activated = ctx.elu and (k > 0 or ctx.elu_first)
             if k == 0 and not ctx.needs_input_grad[0]:
                 return None, grad.new_empty(0), None, None, None, None, None
-            w, _ = programs.views[names[k]]
-            grad = torch.bmm(grad.unsqueeze(1), w.transpose(1, 2)).squeeze(1)
+            grad = _grad_input(programs, names[k], grad)
             if activated:  # ELU's derivative from its output: 1 above zero, output + 1 below
                 grad = torch.ops.aten.elu_backward(grad, 1.0, 1, 1, True, inputs[k])
         return grad, grad.new_empty(0), None, None, None, None, None

@@ -7,6 +7,8 @@ every child is smaller than its parent by construction.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -40,11 +42,22 @@ def affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
     batch 64 on CPU (24 calls per training step).
     """
     n = theta.shape[0]
-    xs = (torch.arange(width, dtype=theta.dtype, device=theta.device) * 2 + 1) / width - 1
-    ys = (torch.arange(height, dtype=theta.dtype, device=theta.device) * 2 + 1) / height - 1
-    base = torch.stack([xs.repeat(height), ys.repeat_interleave(width), torch.ones_like(ys).repeat_interleave(width)])
+    base = _base_grid(height, width, theta.dtype, theta.device)
     grid = torch.mm(theta.reshape(n * 2, 3), base)  # (N * 2, H * W): row 2n is x, row 2n + 1 is y
     return grid.view(n, 2, height, width).permute(0, 2, 3, 1)
+
+
+@functools.lru_cache(maxsize=16)
+def _base_grid(height: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(3, H * W): the pixel centres' x, y on the [-1, 1] grid (align_corners=False), and ones."""
+    with torch.inference_mode(False):  # cached: it must also serve steps that record gradients
+        return _make_base_grid(height, width, dtype, device)
+
+
+def _make_base_grid(height, width, dtype, device):
+    xs = (torch.arange(width, dtype=dtype, device=device) * 2 + 1) / width - 1
+    ys = (torch.arange(height, dtype=dtype, device=device) * 2 + 1) / height - 1
+    return torch.stack([xs.repeat(height), ys.repeat_interleave(width), torch.ones_like(ys).repeat_interleave(width)])
 
 
 def warp(image: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:

@@ -171,3 +171,13 @@ def test_generated_chain_matches_its_layers_one_by_one(elu, elu_first, out):
 
     for a, b in zip(run(False), run(True)):
         assert torch.allclose(a, b, atol=1e-12)
+
+
+def test_training_works_after_decoding_under_inference_mode():
+    """Caches and recycled buffers made under torch.inference_mode must not reach a training step."""
+    rnp = RNP(tiny_config())
+    with torch.inference_mode():
+        rnp.decode(torch.randn(3, rnp.config.z_dim))
+    step = TrainStep(rnp, make_optimizer(rnp, 1e-3))
+    loss, applied = step(torch.rand(3, 1, 28, 28))
+    assert bool(applied) and torch.isfinite(loss)
