@@ -7,6 +7,7 @@ import math
 import torch
 from pyro.infer import Trace_ELBO
 
+from . import cpu
 from .distributed import Context, ELBOLoss
 from .hypernet import fast_backward
 from .model import RNP
@@ -65,6 +66,8 @@ class TrainStep:
         self.total_steps = total_steps
         self.params = [p for p in rnp.parameters() if p.requires_grad]
         self.buffers = list(rnp.buffers())
+        if any(p.device.type == "cpu" for p in self.params):
+            cpu.keep_freed_memory()  # freed activations stay mapped for the next step (see cpu.py)
 
     def lr_scale(self, step: int) -> float:
         """Linear warm-up over the first warmup_steps; then constant, or a cosine decay to 0 at total_steps."""

@@ -1,5 +1,10 @@
 """The CPU products of the hypernetwork's head (oneDNN where it runs, torch.mm otherwise) and the fast
 training path that uses them give the numbers plain autograd gives."""
+import os
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 from pyro.infer import Trace_ELBO
@@ -104,3 +109,33 @@ def test_deferred_head_gradient_skips_batches_that_were_not_differentiated(backe
 
     for unused_first in (True, False):
         assert torch.allclose(run(False, unused_first), run(True, unused_first), atol=1e-5)
+
+
+_CHURN = """
+import resource, torch
+from pyro_rnp import cpu
+on = cpu.keep_freed_memory()
+def churn(rounds):  # a training step's pattern: megabyte tensors made, written and freed, of several sizes
+    for n in (1_200_000, 300_000, 2_500_000) * rounds:
+        y = torch.empty(n)
+        y.fill_(1)
+        del y
+churn(1)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+churn(10)
+print(on, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not platform.libc_ver()[0] == "glibc",
+                    reason="the allocator setting is for glibc")
+def test_freed_memory_is_reused_without_page_faults():
+    def run(setting):
+        env = {**os.environ, "PYRO_RNP_MALLOPT": setting}
+        out = subprocess.run([sys.executable, "-c", _CHURN], env=env, capture_output=True, text=True, check=True)
+        on, faults = out.stdout.split()
+        return on == "True", int(faults)
+    on, kept = run("1")
+    off, default = run("0")
+    assert on and not off
+    assert kept < 100 and default > 10 * (kept + 10), (kept, default)
