@@ -1,7 +1,9 @@
 """One SVI training step (Trace_ELBO, Adam, gradient clamp), shared by the fit loop and the benchmark."""
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import math
 
 import torch
@@ -30,6 +32,27 @@ def make_optimizer(rnp: RNP, lr: float, head_lr_scale: float = 1.0) -> torch.opt
         groups.append({"params": [head], "lr": lr * head_lr_scale, "base_lr": lr * head_lr_scale})
     # the fused kernel does Adam's update in one pass over ~10M head weights instead of several
     return torch.optim.Adam(groups, lr=lr, fused=True)
+
+
+_PREPARED = [False]
+
+
+def _prepare_process(on_cpu: bool) -> None:
+    """Process-wide settings for training, made once, when the first TrainStep is built.
+
+    - Python's cyclic collector: the objects alive now (torch's and Pyro's modules and
+      the model, about 340k) move to its permanent generation (``gc.freeze``), so that
+      a full collection no longer walks them all; those collections cost 12 ms per
+      paper-size CPU step (4%, measured with gc.callbacks). Objects made later are
+      collected as before; the frozen ones are handed back at exit for a clean shutdown.
+    - On CPU, glibc keeps freed memory for the next step (``cpu.keep_freed_memory``).
+    """
+    if on_cpu:
+        cpu.keep_freed_memory()
+    if not _PREPARED[0]:
+        _PREPARED[0] = True
+        gc.freeze()
+        atexit.register(gc.unfreeze)
 
 
 class TrainStep:
@@ -66,8 +89,7 @@ class TrainStep:
         self.total_steps = total_steps
         self.params = [p for p in rnp.parameters() if p.requires_grad]
         self.buffers = list(rnp.buffers())
-        if any(p.device.type == "cpu" for p in self.params):
-            cpu.keep_freed_memory()  # freed activations stay mapped for the next step (see cpu.py)
+        _prepare_process(on_cpu=any(p.device.type == "cpu" for p in self.params))
 
     def lr_scale(self, step: int) -> float:
         """Linear warm-up over the first warmup_steps; then constant, or a cosine decay to 0 at total_steps."""
