@@ -1,9 +1,14 @@
 """Benchmark full training steps of the paper-size model: ``python -m pyro_rnp.bench``.
 
 Times our SVI step (Trace_ELBO forward, backward, gradient clamp, Adam) on random
-images after a warm-up, in fresh processes, alternating with the straightforward
-port in ``../shared/bench/reference_rnp.py`` (same sizes and batch) when it is
-found, and reports the median images/s of each and their ratio.
+images against the straightforward port in ``../shared/bench/reference_rnp.py``
+(same sizes and batch) when it is found. Each runs in a worker process of its own,
+set up and warmed up once (five steps), that times ``--steps`` steps whenever it
+is asked; the two are asked in turn, round after round (ours first in odd rounds,
+the port first in even ones), so that the two timings of a round are seconds apart
+and only one process runs at a time. This project's shared machine swings by a
+quarter in speed over minutes, so a round's ratio compares like with like.
+Reported: the median images/s of each, and the median of the rounds' ratios.
 
 Profile the step (what to look at before optimising):
     python -m pyro_rnp.bench --profile
@@ -18,6 +23,7 @@ import pathlib
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 import click
@@ -26,14 +32,36 @@ import torch
 from .cli import run
 
 DEFAULT_REFERENCE = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "bench" / "reference_rnp.py"
-
+WARMUP_STEPS = 5  # for the buffers that the CPU path recycles to settle (and torch.compile to compile)
 
 VARIANTS = {"fp32": (None, False), "bf16": ("bf16", False), "compile": (None, True), "bf16+compile": ("bf16", True)}
 
+# The port's worker imports nothing but torch and the port, as the port's own script does.
+_REFERENCE_WORKER = """
+import importlib.util, json, sys, time
+import torch
+path, batch_size, device, warmup = sys.argv[1], int(sys.argv[2]), torch.device(sys.argv[3]), int(sys.argv[4])
+spec = importlib.util.spec_from_file_location("reference_rnp", path)
+reference = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(reference)
+torch.manual_seed(0)
+step = reference.make_step(batch_size, device)
+sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+for _ in range(warmup):
+    step()
+sync()
+print("ready", flush=True)
+for line in sys.stdin:
+    start = time.perf_counter()
+    for _ in range(int(line)):
+        step()
+    sync()
+    print(json.dumps({"images_per_s": batch_size * int(line) / (time.perf_counter() - start)}), flush=True)
+"""
 
-def time_steps(batch_size: int, steps: int, device: torch.device, seed: int = 0, variant: str = "fp32") -> float:
-    """Images/s of ``steps`` training steps of the paper-size RNP after warm-up steps: five, for
-    the buffers that the CPU path recycles to settle (and torch.compile to compile)."""
+
+def our_step(batch_size: int, device: torch.device, variant: str = "fp32", seed: int = 0):
+    """A warmed-up training step of the paper-size RNP on random images: call it with the step number."""
     from .config import RNPConfig
     from .fit import compile_model
     from .model import RNP
@@ -44,16 +72,24 @@ def time_steps(batch_size: int, steps: int, device: torch.device, seed: int = 0,
     rnp = RNP(RNPConfig()).to(device)
     if compiled:
         compile_model(rnp)
-    step = TrainStep(rnp, make_optimizer(rnp, 4e-5), amp=amp)
+    train_step = TrainStep(rnp, make_optimizer(rnp, 4e-5), amp=amp)
     x = torch.rand(batch_size, 1, 28, 28, device=device)
-    for _ in range(5):
-        step(x)
+    for i in range(WARMUP_STEPS):
+        train_step(x, i)
     _sync(device)
-    start = time.perf_counter()
-    for i in range(steps):
-        step(x, i)
-    _sync(device)
-    return batch_size * steps / (time.perf_counter() - start)
+    return lambda i: train_step(x, i)
+
+
+def _serve(step, batch_size: int, device: torch.device) -> None:
+    """The worker's loop: read a number of steps, time them, answer images/s (JSON), until stdin ends."""
+    click.echo("ready")
+    for line in sys.stdin:
+        start = time.perf_counter()
+        for i in range(int(line)):
+            step(i)
+        _sync(device)
+        click.echo(json.dumps({"images_per_s": batch_size * int(line) / (time.perf_counter() - start)}))
+        sys.stdout.flush()
 
 
 def _sync(device):
@@ -61,36 +97,57 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def _subprocess_rate(cmd: list[str]) -> float:
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise click.ClickException(f"benchmark process failed: {' '.join(cmd)}\n{out.stderr.strip()[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["images_per_s"]
+class Worker:
+    """A benchmark worker process, kept warm between rounds."""
+
+    def __init__(self, name: str, cmd: list[str]):
+        self.name, self.rates = name, []
+        self.errors = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty worker never blocks on it
+        self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,
+                                        text=True, bufsize=1)
+        self._expect("ready")
+
+    def _expect(self, what: str) -> str:
+        line = self.process.stdout.readline().strip()
+        if not line or (what == "ready" and line != "ready"):
+            self.process.kill()
+            self.process.wait()
+            self.errors.seek(0)
+            error = self.errors.read().strip()[-2000:]
+            raise click.ClickException(f"the {self.name} benchmark worker failed:\n{error or line}")
+        return line
+
+    def time(self, steps: int) -> float:
+        self.process.stdin.write(f"{steps}\n")
+        self.process.stdin.flush()
+        self.rates.append(json.loads(self._expect("rate"))["images_per_s"])
+        return self.rates[-1]
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.stdin.close()
+            self.process.wait(timeout=60)
+        self.errors.close()
 
 
 def profile(batch_size: int, device: torch.device) -> str:
     from torch.profiler import ProfilerActivity, profile as torch_profile
-    from .config import RNPConfig
-    from .model import RNP
-    from .training import TrainStep, make_optimizer
 
-    rnp = RNP(RNPConfig()).to(device)
-    step = TrainStep(rnp, make_optimizer(rnp, 4e-5))
-    x = torch.rand(batch_size, 1, 28, 28, device=device)
-    step(x), step(x)
+    step = our_step(batch_size, device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=activities, record_shapes=True) as prof:
-        for _ in range(3):
-            step(x)
+        for i in range(3):
+            step(i)
         _sync(device)
     return prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=30)
 
 
 @click.command(name="pyro_rnp.bench", context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--batch-size", type=click.IntRange(min=2), default=64, show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=16, show_default=True, help="Timed steps per round.")
-@click.option("--rounds", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Alternating rounds of ours and the reference; medians are reported.")
+@click.option("--steps", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Timed steps per round and program.")
+@click.option("--rounds", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Rounds, each timing ours and the reference in turn; medians are reported.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--reference", type=click.Path(dir_okay=False, path_type=pathlib.Path), default=DEFAULT_REFERENCE,
               show_default=True, help="The straightforward port to compare with; 'none' to skip.")
@@ -116,43 +173,54 @@ def main(batch_size, steps, rounds, device, reference, variants, as_json, do_pro
         click.echo(profile(batch_size, dev))
         return
     if worker:
-        click.echo(json.dumps({"images_per_s": time_steps(batch_size, steps, dev, variant=names[0])}))
+        _serve(our_step(batch_size, dev, names[0]), batch_size, dev)
         return
     use_reference = str(reference) != "none"
     if use_reference and not reference.is_file():
         raise click.BadParameter(f"{reference} not found; pass --reference PATH or --reference none",
                                  param_hint="--reference")
-    per_variant, theirs = {v: [] for v in names}, []
-    common = ["--batch-size", str(batch_size), "--steps", str(steps), "--device", device]
-    for r in range(rounds):
+    ours, workers = {}, []
+    try:
         for v in names:
-            per_variant[v].append(_subprocess_rate([sys.executable, "-m", "pyro_rnp.bench", "--worker",
-                                                    "--variants", v, *common]))
+            ours[v] = Worker(f"pyro_rnp {v}", [sys.executable, "-m", "pyro_rnp.bench", "--worker", "--variants", v,
+                                               "--batch-size", str(batch_size), "--device", device])
+            workers.append(ours[v])
         if use_reference:
-            theirs.append(_subprocess_rate([sys.executable, str(reference), "--json", *common]))
-        if not as_json:
-            line = f"round {r + 1}/{rounds}: " + ", ".join(f"pyro_rnp {v} {per_variant[v][-1]:.1f}" for v in names)
-            click.echo(line + (f", reference {theirs[-1]:.1f}" if use_reference else "") + " images/s", err=True)
-    ours = per_variant[names[0]]
-    result = {"images_per_s": statistics.median(ours), "batch_size": batch_size, "steps": steps, "rounds": rounds,
-              "device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "runs": ours, "variants": {v: statistics.median(r) for v, r in per_variant.items()},
-              "variant_runs": per_variant}
+            workers.append(Worker("reference", [sys.executable, "-c", _REFERENCE_WORKER, str(reference),
+                                                str(batch_size), device, str(WARMUP_STEPS)]))
+        for r in range(rounds):
+            for w in (workers if r % 2 == 0 else workers[::-1]):
+                w.time(steps)
+            if not as_json:
+                click.echo(f"round {r + 1}/{rounds}: " + ", ".join(f"{w.name} {w.rates[-1]:.1f}" for w in workers)
+                           + " images/s", err=True)
+    finally:
+        for w in workers:
+            w.close()
+    first = ours[names[0]].rates
+    result = {"images_per_s": statistics.median(first), "batch_size": batch_size, "steps": steps, "rounds": rounds,
+              "warmup_steps": WARMUP_STEPS, "device": device, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "runs": first,
+              "variants": {v: statistics.median(w.rates) for v, w in ours.items()},
+              "variant_runs": {v: w.rates for v, w in ours.items()}}
     if use_reference:
+        theirs = workers[-1].rates
         result.update(reference_images_per_s=statistics.median(theirs), reference_runs=theirs,
-                      ratio=statistics.median(ours) / statistics.median(theirs))
+                      ratio=statistics.median(a / b for a, b in zip(first, theirs)),
+                      ratio_of_medians=statistics.median(first) / statistics.median(theirs),
+                      variant_ratios={v: statistics.median(a / b for a, b in zip(w.rates, theirs))
+                                      for v, w in ours.items()})
     if device == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
     if as_json:
         click.echo(json.dumps(result))
     else:
         for v, rate in result["variants"].items():
-            click.echo(f"pyro_rnp {v}: {rate:.1f} images/s (median of {rounds}, batch {batch_size}, "
-                       f"{device}, {result['threads']} threads)")
+            click.echo(f"pyro_rnp {v}: {rate:.1f} images/s (median of {rounds} rounds of {steps} steps, batch "
+                       f"{batch_size}, {device}, {result['threads']} threads)")
         if use_reference:
-            click.echo(f"reference port: {result['reference_images_per_s']:.1f} images/s; ratio "
-                       + ", ".join(f"{v} {rate / result['reference_images_per_s']:.2f}x"
-                                   for v, rate in result["variants"].items()))
+            click.echo(f"reference port: {result['reference_images_per_s']:.1f} images/s; median ratio over rounds: "
+                       + ", ".join(f"{v} {ratio:.2f}x" for v, ratio in result["variant_ratios"].items()))
 
 
 if __name__ == "__main__":

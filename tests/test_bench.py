@@ -5,13 +5,25 @@ import sys
 from conftest import REPO
 
 
-def test_bench_reports_images_per_second():
+def test_bench_times_ours_and_the_reference_port_round_by_round():
     out = subprocess.run([sys.executable, "-m", "pyro_rnp.bench", "--batch-size", "4", "--steps", "1",
-                          "--rounds", "1", "--reference", "none", "--json"],
-                         capture_output=True, text=True, cwd=REPO, timeout=300)
+                          "--rounds", "2", "--json"], capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["images_per_s"] > 0 and result["batch_size"] == 4
+    assert len(result["runs"]) == len(result["reference_runs"]) == 2
+    rounds = [a / b for a, b in zip(result["runs"], result["reference_runs"])]
+    assert result["ratio"] == sum(rounds) / 2  # the median of two rounds' ratios
+
+
+def test_bench_says_when_a_worker_fails(tmp_path):
+    broken = tmp_path / "port.py"
+    broken.write_text("raise RuntimeError('this port does not run')\n")
+    out = subprocess.run([sys.executable, "-m", "pyro_rnp.bench", "--batch-size", "4", "--steps", "1",
+                          "--rounds", "1", "--reference", str(broken)], capture_output=True, text=True, cwd=REPO,
+                         timeout=300)
+    assert out.returncode == 1
+    assert "the reference benchmark worker failed" in out.stderr and "this port does not run" in out.stderr
 
 
 def test_bench_refuses_cuda_without_a_gpu():
