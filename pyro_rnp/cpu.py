@@ -9,8 +9,8 @@ float32 matmul only through ``torch.ops.mkldnn._linear_pointwise``, the op its
 compiler emits for CPU linear layers, so these helpers call it where it is
 present and agrees with ``torch.mm`` (checked once), and use ``torch.mm``
 otherwise; ``PYRO_RNP_ONEDNN=0`` always uses ``torch.mm``. That op writes fresh
-tensors, so wide products run in column blocks that stay in cache (a fresh 34 MB
-result is page-faulted in, slower than the product itself here).
+tensors, so wide results come in parts small enough for glibc to serve from its
+heap (a fresh 34 MB result is page-faulted in, slower than the product itself here).
 
 ``keep_freed_memory`` is the other half: see its docstring.
 """
@@ -64,19 +64,11 @@ def mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _linear(a.contiguous(), b.contiguous())
 
 
-BLOCK = 8192  # columns per block of a wide product: 2 MB results at batch 64
-
-
-def mm_blocks(a: torch.Tensor, bt: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out = a @ bt.T for a small a (n, k) and a wide b given as its contiguous transpose bt (m, k), in
-    column blocks whose results stay in cache until copied into ``out`` (oneDNN writes fresh tensors,
-    and a fresh 34 MB result is page-faulted in; measured slower than the product)."""
-    if not uses_onednn(a, bt, out):
-        return torch.mm(a, bt.t(), out=out)
-    a = a.contiguous()
-    for start in range(0, bt.shape[0], BLOCK):
-        out[:, start:start + BLOCK].copy_(_linear(a, bt[start:start + BLOCK]))
-    return out
+def mm_bt(a: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+    """a @ bt.T, a fresh tensor, for a small a (n, k) and a wide b given as its contiguous transpose bt (m, k)."""
+    if not uses_onednn(a, bt):
+        return torch.mm(a, bt.t())
+    return _linear(a.contiguous(), bt)
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
