@@ -179,15 +179,17 @@ def main(batch_size, steps, rounds, device, reference, variants, as_json, do_pro
     if use_reference and not reference.is_file():
         raise click.BadParameter(f"{reference} not found; pass --reference PATH or --reference none",
                                  param_hint="--reference")
-    ours, workers = {}, []
+    ours, started, port = {}, [], None
     try:
+        if use_reference:  # first: a port that does not run fails in seconds
+            port = Worker("reference", [sys.executable, "-c", _REFERENCE_WORKER, str(reference),
+                                        str(batch_size), device, str(WARMUP_STEPS)])
+            started.append(port)
         for v in names:
             ours[v] = Worker(f"pyro_rnp {v}", [sys.executable, "-m", "pyro_rnp.bench", "--worker", "--variants", v,
                                                "--batch-size", str(batch_size), "--device", device])
-            workers.append(ours[v])
-        if use_reference:
-            workers.append(Worker("reference", [sys.executable, "-c", _REFERENCE_WORKER, str(reference),
-                                                str(batch_size), device, str(WARMUP_STEPS)]))
+            started.append(ours[v])
+        workers = [*ours.values()] + ([port] if port else [])
         for r in range(rounds):
             for w in (workers if r % 2 == 0 else workers[::-1]):
                 w.time(steps)
@@ -195,7 +197,7 @@ def main(batch_size, steps, rounds, device, reference, variants, as_json, do_pro
                 click.echo(f"round {r + 1}/{rounds}: " + ", ".join(f"{w.name} {w.rates[-1]:.1f}" for w in workers)
                            + " images/s", err=True)
     finally:
-        for w in workers:
+        for w in started:
             w.close()
     first = ours[names[0]].rates
     result = {"images_per_s": statistics.median(first), "batch_size": batch_size, "steps": steps, "rounds": rounds,
@@ -204,7 +206,7 @@ def main(batch_size, steps, rounds, device, reference, variants, as_json, do_pro
               "variants": {v: statistics.median(w.rates) for v, w in ours.items()},
               "variant_runs": {v: w.rates for v, w in ours.items()}}
     if use_reference:
-        theirs = workers[-1].rates
+        theirs = port.rates
         result.update(reference_images_per_s=statistics.median(theirs), reference_runs=theirs,
                       ratio=statistics.median(a / b for a, b in zip(first, theirs)),
                       ratio_of_medians=statistics.median(first) / statistics.median(theirs),
