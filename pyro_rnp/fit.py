@@ -278,19 +278,23 @@ def write_figures(rnp: RNP, run_dir: pathlib.Path, x: torch.Tensor) -> None:
 
 def _say_how_long(config, device, images_per_s, epoch_images):
     hours = config.epochs * epoch_images / images_per_s / 3600
-    message = (f"At {images_per_s:.0f} images/s on {device.type}, {config.epochs} epochs of {epoch_images} "
-               f"images take about {_duration(hours)} (not counting evaluation).")
+    epochs = f"{config.epochs} epochs" if config.epochs != 1 else "1 epoch"
+    take = "take" if config.epochs != 1 else "takes"
+    message = (f"At {images_per_s:.0f} images/s on {device.type}, {epochs} of {epoch_images} "
+               f"images {take} {_duration(hours)} (not counting evaluation).")
     if device.type == "cpu" and config.schedule == "paper":
         message += " For a run of minutes on a CPU, use --preset quick."
     tqdm.write(message)
 
 
 def _duration(hours: float) -> str:
+    if hours * 60 < 1.5:
+        return "about a minute" if hours * 60 >= 0.5 else "less than a minute"
     if hours < 1:
-        return f"{hours * 60:.0f} minutes"
+        return f"about {hours * 60:.0f} minutes"
     if hours < 48:
-        return f"{hours:.1f} hours"
-    return f"{hours / 24:.1f} days"
+        return f"about {hours:.1f} hours"
+    return f"about {hours / 24:.1f} days"
 
 
 def _say_resume(run_dir, path, epoch, step):
