@@ -24,7 +24,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 import click
 import torch
@@ -36,22 +35,31 @@ WARMUP_STEPS = 5  # for the buffers that the CPU path recycles to settle (and to
 
 VARIANTS = {"fp32": (None, False), "bf16": ("bf16", False), "compile": (None, True), "bf16+compile": ("bf16", True)}
 
-# The port's worker imports nothing but torch and the port, as the port's own script does.
-_REFERENCE_WORKER = """
-import importlib.util, json, sys, time
-import torch
+# Worker processes: a setup that defines ``step`` (one training step), then one shared loop. The
+# port's setup imports nothing but torch and the port, as the port's own script does.
+_OURS = """
+import sys, torch
+from pyro_rnp.bench import our_step
+variant, batch_size, device, warmup = sys.argv[1], int(sys.argv[2]), torch.device(sys.argv[3]), int(sys.argv[4])
+step = our_step(batch_size, device, variant)
+"""
+_PORT = """
+import importlib.util, sys, torch
 path, batch_size, device, warmup = sys.argv[1], int(sys.argv[2]), torch.device(sys.argv[3]), int(sys.argv[4])
 spec = importlib.util.spec_from_file_location("reference_rnp", path)
 reference = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(reference)
 torch.manual_seed(0)
 step = reference.make_step(batch_size, device)
+"""
+_SERVE = """
+import json, time
 sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 for _ in range(warmup):
     step()
 sync()
 print("ready", flush=True)
-for line in sys.stdin:
+for line in sys.stdin:  # a number of steps to time; the answer is one JSON line
     start = time.perf_counter()
     for _ in range(int(line)):
         step()
@@ -61,7 +69,7 @@ for line in sys.stdin:
 
 
 def our_step(batch_size: int, device: torch.device, variant: str = "fp32", seed: int = 0):
-    """A warmed-up training step of the paper-size RNP on random images: call it with the step number."""
+    """One training step of the paper-size RNP on random images, as a function of no arguments."""
     from .config import RNPConfig
     from .fit import compile_model
     from .model import RNP
@@ -74,22 +82,7 @@ def our_step(batch_size: int, device: torch.device, variant: str = "fp32", seed:
         compile_model(rnp)
     train_step = TrainStep(rnp, make_optimizer(rnp, 4e-5), amp=amp)
     x = torch.rand(batch_size, 1, 28, 28, device=device)
-    for i in range(WARMUP_STEPS):
-        train_step(x, i)
-    _sync(device)
-    return lambda i: train_step(x, i)
-
-
-def _serve(step, batch_size: int, device: torch.device) -> None:
-    """The worker's loop: read a number of steps, time them, answer images/s (JSON), until stdin ends."""
-    click.echo("ready")
-    for line in sys.stdin:
-        start = time.perf_counter()
-        for i in range(int(line)):
-            step(i)
-        _sync(device)
-        click.echo(json.dumps({"images_per_s": batch_size * int(line) / (time.perf_counter() - start)}))
-        sys.stdout.flush()
+    return lambda: train_step(x)
 
 
 def _sync(device):
@@ -100,27 +93,32 @@ def _sync(device):
 class Worker:
     """A benchmark worker process, kept warm between rounds."""
 
-    def __init__(self, name: str, cmd: list[str]):
+    def __init__(self, name: str, setup: str, args: list):
         self.name, self.rates = name, []
         self.errors = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty worker never blocks on it
-        self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.errors,
-                                        text=True, bufsize=1)
-        self._expect("ready")
+        self.process = subprocess.Popen([sys.executable, "-c", setup + _SERVE, *map(str, args)], stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=self.errors, text=True, bufsize=1)
+        line = self._answer()
+        if line != "ready":
+            self._fail(line)
 
-    def _expect(self, what: str) -> str:
+    def _answer(self) -> str:
         line = self.process.stdout.readline().strip()
-        if not line or (what == "ready" and line != "ready"):
-            self.process.kill()
-            self.process.wait()
-            self.errors.seek(0)
-            error = self.errors.read().strip()[-2000:]
-            raise click.ClickException(f"the {self.name} benchmark worker failed:\n{error or line}")
+        if not line:
+            self._fail(line)
         return line
+
+    def _fail(self, line: str):
+        self.process.kill()
+        self.process.wait()
+        self.errors.seek(0)
+        error = self.errors.read().strip()[-2000:]
+        raise click.ClickException(f"the {self.name} benchmark worker failed:\n{error or line}")
 
     def time(self, steps: int) -> float:
         self.process.stdin.write(f"{steps}\n")
         self.process.stdin.flush()
-        self.rates.append(json.loads(self._expect("rate"))["images_per_s"])
+        self.rates.append(json.loads(self._answer())["images_per_s"])
         return self.rates[-1]
 
     def close(self) -> None:
@@ -134,10 +132,12 @@ def profile(batch_size: int, device: torch.device) -> str:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     step = our_step(batch_size, device)
+    for _ in range(WARMUP_STEPS):
+        step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with torch_profile(activities=activities, record_shapes=True) as prof:
-        for i in range(3):
-            step(i)
+        for _ in range(3):
+            step()
         _sync(device)
     return prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=30)
 
@@ -156,8 +156,7 @@ def profile(batch_size: int, device: torch.device) -> str:
                    "(bf16 needs CUDA).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line.")
 @click.option("--profile", "do_profile", is_flag=True, help="Print a torch.profiler table of 3 steps instead.")
-@click.option("--worker", is_flag=True, hidden=True)
-def main(batch_size, steps, rounds, device, reference, variants, as_json, do_profile, worker):
+def main(batch_size, steps, rounds, device, reference, variants, as_json, do_profile):
     """Images/s of full training steps of the paper-size RNP, against the straightforward port."""
     if device == "cuda" and not torch.cuda.is_available():
         raise click.BadParameter("CUDA is not available on this machine", param_hint="--device")
@@ -172,9 +171,6 @@ def main(batch_size, steps, rounds, device, reference, variants, as_json, do_pro
     if do_profile:
         click.echo(profile(batch_size, dev))
         return
-    if worker:
-        _serve(our_step(batch_size, dev, names[0]), batch_size, dev)
-        return
     use_reference = str(reference) != "none"
     if use_reference and not reference.is_file():
         raise click.BadParameter(f"{reference} not found; pass --reference PATH or --reference none",
@@ -182,12 +178,10 @@ def main(batch_size, steps, rounds, device, reference, variants, as_json, do_pro
     ours, started, port = {}, [], None
     try:
         if use_reference:  # first: a port that does not run fails in seconds
-            port = Worker("reference", [sys.executable, "-c", _REFERENCE_WORKER, str(reference),
-                                        str(batch_size), device, str(WARMUP_STEPS)])
+            port = Worker("reference", _PORT, [reference, batch_size, device, WARMUP_STEPS])
             started.append(port)
         for v in names:
-            ours[v] = Worker(f"pyro_rnp {v}", [sys.executable, "-m", "pyro_rnp.bench", "--worker", "--variants", v,
-                                               "--batch-size", str(batch_size), "--device", device])
+            ours[v] = Worker(f"pyro_rnp {v}", _OURS, [v, batch_size, device, WARMUP_STEPS])
             started.append(ours[v])
         workers = [*ours.values()] + ([port] if port else [])
         for r in range(rounds):

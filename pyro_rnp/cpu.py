@@ -58,17 +58,10 @@ def uses_onednn(*tensors: torch.Tensor) -> bool:
 
 
 def mm_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b.T for a (n, m) and b (k, m) with a small result (n, k)."""
+    """a @ b.T, a fresh tensor, for a (n, m) and b (k, m); b is copied first if it is not contiguous."""
     if not uses_onednn(a, b):
         return torch.mm(a, b.t())
     return _linear(a.contiguous(), b.contiguous())
-
-
-def mm_bt(a: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
-    """a @ bt.T, a fresh tensor, for a small a (n, k) and a wide b given as its contiguous transpose bt (m, k)."""
-    if not uses_onednn(a, bt):
-        return torch.mm(a, bt.t())
-    return _linear(a.contiguous(), bt)
 
 
 def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

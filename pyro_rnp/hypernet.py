@@ -331,7 +331,7 @@ class _Generate(torch.autograd.Function):
         if torch.is_autocast_enabled(h.device.type):  # mixed precision: autocast picks the dtype
             programs.value = [(0, torch.mm(h, head))]
         elif head_t is not None:  # oneDNN writes fresh tensors: one per segment (see segments)
-            programs.value = [(start, cpu.mm_bt(h, head_t[start:stop])) for start, stop in programs.segments]
+            programs.value = [(start, cpu.mm_nt(h, head_t[start:stop])) for start, stop in programs.segments]
         else:
             programs.pooled = programs.fast or programs.inference
             out = _POOL.take(shape, h) if programs.pooled else h.new_empty(shape)

@@ -32,7 +32,7 @@ def test_head_products_match_float64(backend):
     exact = h.double() @ head.double()
     head_t = cpu.transpose_into(head, torch.empty(head.shape[::-1]))
     assert torch.equal(head_t, head.t())
-    assert torch.allclose(cpu.mm_bt(h, head_t).double(), exact, atol=1e-4)
+    assert torch.allclose(cpu.mm_nt(h, head_t).double(), exact, atol=1e-4)
     assert torch.allclose(cpu.mm_nt(grad, head).double(), grad.double() @ head.double().t(), atol=1e-3)
     tn = h.double().t() @ grad.double()
     assert torch.allclose(cpu.add_mm_tn(None, h, grad).double(), tn, atol=1e-4)
