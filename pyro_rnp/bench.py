@@ -10,11 +10,13 @@ and only one process runs at a time. This project's shared machine swings by a
 quarter in speed over minutes, so a round's ratio compares like with like.
 Reported: the median images/s of each, and the median of the rounds' ratios.
 
-Profile the step (what to look at before optimising):
+Each worker applies the process-wide training settings first, as fit does
+(pyro_rnp/fast/process.py). Profile the step (what to look at before optimising):
     python -m pyro_rnp.bench --profile
-The head's products run in oneDNN on CPU (see pyro_rnp/cpu.py); to time the
-step with torch.mm instead:
+The head's products run in oneDNN on CPU (see pyro_rnp/fast/onednn.py); to time the
+step with torch.mm instead, or the plain program path (pyro_rnp/model/hypernet.py):
     PYRO_RNP_ONEDNN=0 python -m pyro_rnp.bench
+    PYRO_RNP_FAST=0 python -m pyro_rnp.bench
 """
 from __future__ import annotations
 
@@ -69,18 +71,21 @@ for line in sys.stdin:  # a number of steps to time; the answer is one JSON line
 
 
 def our_step(batch_size: int, device: torch.device, variant: str = "fp32", seed: int = 0):
-    """One training step of the paper-size RNP on random images, as a function of no arguments."""
-    from .config import RNPConfig
-    from .fit import compile_model
-    from .model import RNP
+    """One training step of the paper-size RNP on random images, as a function of no arguments; the
+    process is prepared for training as fit prepares it."""
+    from .cli import fast_path_enabled
+    from .fast import prepare_process_for_training
+    from .model import RNP, RNPConfig
     from .training import TrainStep, make_optimizer
+    from .training.run import compile_model
 
     amp, compiled = VARIANTS[variant]
     torch.manual_seed(seed)
     rnp = RNP(RNPConfig()).to(device)
     if compiled:
         compile_model(rnp)
-    train_step = TrainStep(rnp, make_optimizer(rnp, 4e-5), amp=amp)
+    train_step = TrainStep(rnp, make_optimizer(rnp, 4e-5), amp=amp, fast=fast_path_enabled())
+    prepare_process_for_training(cpu=device.type == "cpu")
     x = torch.rand(batch_size, 1, 28, 28, device=device)
     return lambda: train_step(x)
 

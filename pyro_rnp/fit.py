@@ -1,305 +1,88 @@
-"""Train an RNP: ``python -m pyro_rnp.fit --dataset fashion [--preset quick]``.
+"""Train a model: ``python -m pyro_rnp.fit --dataset fashion [--preset quick] [--model rnp]``.
 
-The loop, top to bottom: load data; build or restore the model, optimizer and
-RNG state; for each epoch, shuffle with a seed of (seed, epoch), take SVI steps,
-evaluate on held-out images, append metrics, save a checkpoint, refresh figures.
-Ctrl-C saves the current state (mid-epoch) and says how to resume.
+The command builds the run's config from its options (or reads it back with
+``--resume``) and calls ``train``: pyro_rnp/training/run.py does the run, with the
+analysis layer's held-out scores and figures after each epoch. Ctrl-C saves the
+current state (mid-epoch) and says how to resume. ``--guide autonormal --from
+RUN_DIR`` fits a few images with a trained, frozen decoder instead (analysis/per_image.py).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import pathlib
-import signal
 import sys
 import time
 
 import click
+import pyro
 import torch
-from tqdm.auto import tqdm
 
-from . import components
-from . import data as datasets
-from . import figures
-from .cli import TrainingError, resolve_device, run
-from .config import DATASETS, LIKELIHOODS, SCHEDULES, RNPConfig
-from .evaluate import evaluate
-from .model import RNP
-from .runs import (CHECKPOINT, RunError, append_metrics, load_checkpoint, load_state, new_run_dir, read_config,
-                   read_metrics, save_checkpoint, set_rng_state, write_config)
-from .distributed import (Context, any_across, broadcast_from_main, shard, sum_across,
-                          sync_batch_norms, teardown)
-from .distributed import setup as distributed_setup
-from .training import TrainStep, make_optimizer, state_finite
-
-MAX_BAD_STEPS = 20  # consecutive non-finite losses before giving up
+from .analysis.evaluate import evaluate
+from .analysis.per_image import (DEFAULT_IMAGES, DEFAULT_LR, DEFAULT_PASSES, EVAL_SAMPLES, MAX_IMAGES,
+                                 autonormal_from, fit_autonormal, plot_autonormal)
+from .analysis.plots import plot_curves, plot_reconstructions, plot_samples
+from .cli import ClassList, StopRequest, data_options, fast_path_enabled, held_out, resolve_device, run, write_result
+from .data import DATASETS
+from .fast import prepare_process_for_training
+from .model import components
+from .model.config import LIKELIHOODS, SCHEDULES, RNPConfig
+from .model.registry import model_entry, model_names
+from .training.distributed import Context, broadcast_from_main, sum_across, teardown
+from .training.distributed import setup as distributed_setup
+from .training.runs import (CHECKPOINT, RunError, append_metrics, load_run, new_run_dir, read_config, read_metrics,
+                            save_checkpoint, write_config)
+from .training.run import train_run
 
 # CLI flag -> config field; a resumed run refuses any of these that disagree with its config
 CONFIG_FLAGS = {"dataset": "dataset", "preset": "schedule", "batch_size": "batch_size", "lr": "lr",
-                "head_lr_scale": "head_lr_scale",
+                "head_lr_scale": "head_lr_scale", "model_name": "model",
                 "z_dim": "z_dim", "depth": "depth", "steps": "steps", "hidden": "hidden",
                 "likelihood": "likelihood", "seed": "seed", "limit": "limit", "exclude_classes": "exclude_classes",
                 "prior": "prior", "prior_components": "prior_components", "flow_layers": "flow_layers",
                 "guide": "guide", "guide_rank": "guide_rank", "decoder": "decoder", "plugins": "plugins"}
 
 
-class ClassList(click.ParamType):
-    """A comma-separated list of non-negative class labels, as a tuple of ints."""
-    name = "LABELS"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, tuple):
-            return value
-        try:
-            labels = tuple(sorted({int(v) for v in str(value).split(",") if v.strip()}))
-        except ValueError:
-            self.fail(f"{value!r} is not a comma-separated list of class labels", param, ctx)
-        if not labels or min(labels) < 0:
-            self.fail(f"{value!r} is not a comma-separated list of class labels", param, ctx)
-        return labels
-
-
-class StopRequest:
-    """First Ctrl-C: finish the current step, save, exit. Second: abort at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        tqdm.write("Stopping after this step to save a checkpoint (Ctrl-C again to abort without saving)...")
-
-    def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self._previous)
-
-
-def _load_data(config: RNPConfig, data_dir, download: bool):
-    train = datasets.load_images(config.dataset, "train", data_dir, download, config.limit, config.exclude_classes)
-    test = datasets.load_images(config.dataset, "test", data_dir, download,
-                                config.eval_limit, config.exclude_classes)
-    return train.tensors[0], test.tensors[0]
-
-
 def train(config: RNPConfig, run_dir: pathlib.Path, device: torch.device, data_dir=None, download: bool = True,
           resume: bool = False, progress: bool = True, command: str | None = None,
-          context: Context = Context()) -> RNP:
+          context: Context = Context(), prepare_process: bool = False, fast: bool = True):
     """Train (or continue) the run in ``run_dir`` to ``config.epochs`` epochs and return the model.
-    Under torch.distributed every process calls this with its ``context``; rank 0 writes the run."""
-    main = context.is_main
-    say = tqdm.write if main else (lambda message: None)
-    train_images, test_images = _load_data(config, data_dir, download)
-    dtype = torch.get_default_dtype()  # float32 unless the caller chose float64 (torch.set_default_dtype)
-    train_images, test_images = train_images.to(dtype), test_images.to(dtype)
-    per_process = min(config.batch_size, train_images.shape[0] // context.world)
-    if per_process < 2:
-        raise TrainingError(f"need at least 2 training images per process, got {train_images.shape[0]} "
-                            f"for {context.world} processes")
-    global_batch = per_process * context.world
-    n_batches = train_images.shape[0] // global_batch
-    run_dir = pathlib.Path(run_dir)
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "figures").mkdir(exist_ok=True)
-        write_config(run_dir, config, command=command, device=str(device),
-                     distributed={"processes": context.world, "backend": context.backend,
-                                  "batch_per_process": per_process, "global_batch_size": global_batch,
-                                  "lr": config.lr})
-    if device.type == "cuda":  # the datasets are small: keep them on the GPU
-        train_images, test_images = train_images.to(device), test_images.to(device)
-    fixed_test = test_images[:8].to(device)
+    Under torch.distributed every process calls this with its ``context``; rank 0 writes the run.
+    Ctrl-C checkpoints and exits with status 130. ``prepare_process``: apply the process-wide
+    training settings (pyro_rnp.fast.process) once the model is built."""
+    def scores(model, images):
+        return held_out_scores(model, images, context, device, progress and context.is_main)
 
-    torch.manual_seed(config.seed)
-    rnp = RNP(config).to(device)
-    if context.active:
-        sync_batch_norms(rnp)  # batch statistics over the global batch, as one process would compute them
-    if config.compile:
-        compile_model(rnp)
-    optimizer = make_optimizer(rnp, config.lr, config.head_lr_scale)
-    step_fn = TrainStep(rnp, optimizer, config.grad_clip, config.lr_warmup_steps, config.lr_schedule,
-                        total_steps=config.epochs * n_batches, context=context, amp=config.amp)
-    epoch, step, start_batch, wall_before = 0, 0, 0, 0.0
-    if resume:
-        payload = load_checkpoint(run_dir, map_location=device)
-        load_state(rnp, payload, run_dir / CHECKPOINT)
-        optimizer.load_state_dict(payload["optimizer"])
-        set_rng_state(payload["rng"])
-        epoch, step = payload["epoch"], payload["step"]
-        # the position in the epoch, in images: the number of processes may have changed
-        seen = payload.get("images_in_epoch", payload["batch_in_epoch"] * config.batch_size)
-        start_batch = min(seen // global_batch, n_batches)
-        wall_before = payload["wall_time_s"]
-        say(f"Resuming {run_dir} at epoch {epoch + 1}, step {step}.")
-    started = time.perf_counter()
-
-    def wall():
-        return wall_before + time.perf_counter() - started
-
-    def checkpoint(epoch_, batch_):
-        if not main:
-            return run_dir / CHECKPOINT
-        return save_checkpoint(run_dir, rnp, optimizer, epoch=epoch_, step=step, batch_in_epoch=batch_,
-                               wall_time_s=wall(), images_in_epoch=batch_ * global_batch,
-                               processes=context.world)
-
-    if epoch >= config.epochs:
-        say(f"{run_dir} already has {epoch} of {config.epochs} epochs; pass --epochs N to train further.")
-    estimated = resume
-    where = f"{context.world} processes x {per_process} = batch {global_batch}, " if context.active else ""
     with StopRequest() as stop:
-        while epoch < config.epochs:
-            order = torch.randperm(train_images.shape[0], generator=torch.Generator().manual_seed(
-                config.seed * 1_000_003 + epoch)).to(train_images.device)
-            zero = torch.zeros((), device=device)
-            total_loss, total_images, skipped, bad_run = zero.clone(), zero.clone(), zero.clone(), zero.clone()
-            bar = tqdm(range(start_batch, n_batches), desc=f"epoch {epoch + 1}/{config.epochs}",
-                       unit="batch", dynamic_ncols=True, disable=not (progress and main), initial=start_batch,
-                       total=n_batches)
-            if context.active:
-                bar.set_description(f"epoch {epoch + 1}/{config.epochs} ({where}lr {config.lr:g})")
-            epoch_start, timed_from = time.perf_counter(), None
-            for b in bar:
-                x = train_images[shard(order, b, per_process, context)].to(device, non_blocking=True)
-                loss, applied = step_fn(x, step)
-                step += 1
-                # kept on the device: reading them waits for the step, so they are read every SYNC_EVERY
-                total_loss += torch.where(applied, loss, zero)
-                total_images += applied * x.shape[0]
-                skipped += ~applied
-                bad_run = (bad_run + 1) * ~applied
-                done = b + 1 - start_batch
-                if done == 1:
-                    timed_from = time.perf_counter()  # the first step includes one-off setup
-                if done % SYNC_EVERY and b + 1 < n_batches:
-                    continue
-                _check_finite(rnp, skipped, bad_run, epoch, step, run_dir, config, say)
-                if done > 1:
-                    rate = (done - 1) * global_batch / (time.perf_counter() - timed_from)
-                    bar.set_postfix(loss=f"{total_loss.item() / max(total_images.item(), 1):.1f}",
-                                    img_s=f"{rate:.0f}")
-                    if not estimated and done >= 6:
-                        estimated = True
-                        if main:
-                            _say_how_long(config, device, rate, n_batches * global_batch)
-                if any_across(context, stop.requested, device):
-                    bar.close()
-                    path = checkpoint(epoch, b + 1)
-                    if main:
-                        _say_resume(run_dir, path, epoch, step)
-                    sys.exit(130)
-            bar.close()
-            epoch += 1
-            start_batch = 0
-            train_time = time.perf_counter() - epoch_start
-            diverged = TrainingError(f"training diverged in epoch {epoch}: the model's outputs are no longer "
-                                     f"finite. The last good checkpoint (if any) is in {run_dir}; "
-                                     f"try a lower --lr than {config.lr:g}.")
-            if not state_finite(rnp):
-                raise diverged
-            loss_sum, images, n_skipped = sum_across(context, total_loss.item(), total_images.item(), skipped.item(),
-                                                     device=device)
-            try:
-                scores = _evaluate(rnp, test_images, context, device, progress and main)
-            except ValueError as e:  # a distribution refused non-finite parameters
-                if "invalid values" in str(e):
-                    raise diverged from None
-                raise
-            if not math.isfinite(scores["neg_elbo"]):
-                raise diverged
-            record = {"epoch": epoch, "step": step, "train_loss": loss_sum / max(images, 1),
-                      "test_neg_elbo": scores["neg_elbo"], "test_mse": scores["mse"],
-                      "n_test": scores["n_images"], "likelihood": scores["likelihood"],
-                      "images_per_s": images / max(train_time, 1e-9), "skipped_steps": int(n_skipped),
-                      "lr": optimizer.param_groups[0]["lr"], "wall_time_s": wall()}
-            if main:
-                append_metrics(run_dir, record)
-            path = checkpoint(epoch, 0)
-            say(f"epoch {epoch}: train loss {record['train_loss']:.1f}, held-out -ELBO "
-                f"{record['test_neg_elbo']:.1f} nats/image ({record['likelihood']}), "
-                f"MSE {record['test_mse']:.4f}, {record['images_per_s']:.0f} img/s; saved {path}")
-            if main and (epoch % config.figure_every == 0 or epoch == config.epochs):
-                write_figures(rnp, run_dir, fixed_test)
-            if any_across(context, stop.requested, device):
-                if main:
-                    _say_resume(run_dir, path, epoch, step)
-                sys.exit(130)
-    return rnp.eval()
+        trained = train_run(config, run_dir, device, scores, write_figures, data_dir, download, resume, progress,
+                            command, context, stop=lambda: stop.requested, fast=fast,
+                            before_training=(lambda: prepare_process_for_training(cpu=device.type == "cpu"))
+                            if prepare_process else None)
+    if trained.stopped:
+        if context.is_main:
+            click.echo(f"Interrupted at epoch {trained.position.epoch + 1}, step {trained.position.step}. "
+                       f"Checkpoint saved to {trained.checkpoint}.\n"
+                       f"Resume with: python -m pyro_rnp.fit --resume {run_dir}", err=True)
+        sys.exit(130)
+    return trained.model
 
 
-SYNC_EVERY = 10  # steps between reads of the loss and finiteness (each read waits for the device)
-
-
-def compile_model(rnp: RNP) -> None:
-    """torch.compile the parts with static shapes and no Python-side state: the encoder, and an mlp
-    decoder. The program executor's generated layers run through our own autograd Functions."""
-    rnp.encoder.compile()
-    if not rnp.has_parts:
-        rnp.executor.compile()
-
-
-def _check_finite(rnp, skipped, bad_run, epoch, step, run_dir, config, say) -> None:
-    bad = int(bad_run.item())
-    if not int(skipped.item()):
-        return
-    weights_ok = state_finite(rnp)
-    if not weights_ok or bad >= MAX_BAD_STEPS:
-        raise TrainingError(
-            f"training diverged at epoch {epoch + 1}, step {step}: "
-            + ("the weights are no longer finite" if not weights_ok else f"{bad} consecutive non-finite losses")
-            + f". The last good checkpoint (if any) is in {run_dir}; try a lower --lr than {config.lr:g}.")
-    if bad:
-        say(f"warning: non-finite loss at epoch {epoch + 1} before step {step}; {int(skipped.item())} "
-            "update(s) skipped this epoch")
-
-
-def _evaluate(rnp, test_images, context: Context, device, progress) -> dict:
+def held_out_scores(model, test_images, context: Context, device, progress) -> dict:
     """Held-out scores; under torch.distributed each process takes every N-th image and the sums are pooled."""
     if not context.active:
-        return evaluate(rnp, test_images, device=device, progress=progress)
-    part = evaluate(rnp, test_images[context.rank::context.world], device=device, progress=progress)
+        return evaluate(model, test_images, device=device, progress=progress)
+    part = evaluate(model, test_images[context.rank::context.world], device=device, progress=progress)
     n = part["n_images"]
     elbo, mse, total = sum_across(context, part["neg_elbo"] * n, part["mse"] * n, n, device=device)
     return {**part, "neg_elbo": elbo / total, "mse": mse / total, "n_images": int(total)}
 
 
-def write_figures(rnp: RNP, run_dir: pathlib.Path, x: torch.Tensor) -> None:
-    rnp.eval()
-    folder = run_dir / "figures"
-    figures.plot_reconstructions(rnp, x, folder / "reconstructions.png")
-    figures.plot_samples(rnp, x.shape[0], folder / "samples.png")
-    figures.plot_curves(read_metrics(run_dir), folder / "curves.png")
-
-
-def _say_how_long(config, device, images_per_s, epoch_images):
-    hours = config.epochs * epoch_images / images_per_s / 3600
-    epochs = f"{config.epochs} epochs" if config.epochs != 1 else "1 epoch"
-    take = "take" if config.epochs != 1 else "takes"
-    message = (f"At {images_per_s:.0f} images/s on {device.type}, {epochs} of {epoch_images} "
-               f"images {take} {_duration(hours)} (not counting evaluation).")
-    if device.type == "cpu" and config.schedule == "paper":
-        message += " For a run of minutes on a CPU, use --preset quick."
-    tqdm.write(message)
-
-
-def _duration(hours: float) -> str:
-    if hours * 60 < 1.5:
-        return "about a minute" if hours * 60 >= 0.5 else "less than a minute"
-    if hours < 1:
-        return f"about {hours * 60:.0f} minutes"
-    if hours < 48:
-        return f"about {hours:.1f} hours"
-    return f"about {hours / 24:.1f} days"
-
-
-def _say_resume(run_dir, path, epoch, step):
-    tqdm.write(f"Interrupted at epoch {epoch + 1}, step {step}. Checkpoint saved to {path}.\n"
-               f"Resume with: python -m pyro_rnp.fit --resume {run_dir}")
+def write_figures(model, run_dir: pathlib.Path, x: torch.Tensor) -> None:
+    """The figures a run refreshes while it trains: reconstructions, samples, curves."""
+    model.eval()
+    folder = pathlib.Path(run_dir) / "figures"
+    plot_reconstructions(model, x, folder / "reconstructions.png")
+    plot_samples(model, x.shape[0], folder / "samples.png")
+    plot_curves(read_metrics(run_dir), folder / "curves.png")
 
 
 @click.command(name="pyro_rnp.fit", context_settings={"help_option_names": ["-h", "--help"]})
@@ -326,10 +109,14 @@ def _say_resume(run_dir, path, epoch, step):
 @click.option("--guide", help="q(z | x): resnet (paper), resnet-lowrank, resnet-iaf, autonormal (needs --from), "
               "or one registered by a --plugin [resnet].")
 @click.option("--guide-rank", type=click.IntRange(min=1), help="Covariance rank of --guide resnet-lowrank [4].")
-@click.option("--decoder", help="rnp (paper) or mlp (the baseline VAE) [rnp].")
+@click.option("--model", "model_name", help="The model to train: "
+              + "; ".join(f"{name}: {model_entry(name).description}" for name in model_names())
+              + "; or one registered by a --plugin [rnp].")
+@click.option("--decoder", help="The rnp model's decoder: rnp (the program executor) or one registered by a "
+              "--plugin; mlp is --model vae [rnp].")
 @click.option("--plugin", "plugins", multiple=True,
-              help="A .py file or module that registers priors, guides or decoders (repeatable); recorded in the "
-                   "run so that load_run imports it again.")
+              help="A .py file or module that registers priors, guides, decoders or models (repeatable); recorded "
+                   "in the run so that load_run imports it again.")
 @click.option("--from", "source_dir", type=click.Path(path_type=pathlib.Path),
               help="With --guide autonormal: the trained run whose prior and decoder are kept, frozen.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
@@ -339,9 +126,7 @@ def _say_resume(run_dir, path, epoch, step):
               help="Use only the first N training images (with --guide autonormal: the first N held-out, 10).")
 @click.option("--exclude-classes", type=ClassList(), help="Comma-separated labels to leave out of training and "
               "held-out data, e.g. 7 or 7,8 (for transfer experiments).")
-@click.option("--data-dir", type=click.Path(file_okay=False, path_type=pathlib.Path), envvar="PYRO_RNP_DATA",
-              show_envvar=True, help="Folder with the datasets in torchvision's layout [~/.cache/pyro_rnp/data].")
-@click.option("--no-download", is_flag=True, help="Never download; fail if the data is not in --data-dir.")
+@data_options
 @click.option("--run-dir", type=click.Path(file_okay=False, path_type=pathlib.Path),
               help="Where to write the run [runs/<dataset>-<timestamp>].")
 @click.option("--resume", "resume_dir", type=click.Path(path_type=pathlib.Path),
@@ -355,10 +140,10 @@ def _say_resume(run_dir, path, epoch, step):
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
 def main(ctx, dataset, preset, epochs, batch_size, lr, head_lr_scale, z_dim, depth, steps, hidden, likelihood,
-         prior, prior_components, flow_layers, guide, guide_rank, decoder, plugins, source_dir,
+         prior, prior_components, flow_layers, guide, guide_rank, model_name, decoder, plugins, source_dir,
          device, seed, limit, exclude_classes, data_dir, no_download, run_dir, resume_dir, eval_limit, amp, compile_,
          quiet):
-    """Train a Recursive Neural Program with SVI (Trace_ELBO) and write a run folder.
+    """Train a model (a Recursive Neural Program by default) with SVI and write a run folder.
 
     Under torchrun (torchrun --nproc_per_node N -m pyro_rnp.fit ...) it trains with N processes:
     --batch-size is per process; see guides/scaling.md."""
@@ -371,8 +156,12 @@ def main(ctx, dataset, preset, epochs, batch_size, lr, head_lr_scale, z_dim, dep
     if "plugins" in given:
         given["plugins"] = _load_plugins(plugins)
     _check_component_names(prior, guide, decoder)
+    if model_name is not None and model_name not in model_names():
+        raise click.BadParameter(f"unknown model {model_name!r}; choose one of {', '.join(model_names())}",
+                                 param_hint="--model")
+    if decoder == "mlp" and model_name not in (None, "vae"):
+        raise click.BadParameter("the mlp decoder is the vae model: use --model vae", param_hint="--decoder")
     if guide == "autonormal" or source_dir is not None:
-        from .oneshot import fit_autonormal_command
         return fit_autonormal_command(ctx, source_dir, guide, resume_dir, run_dir, torch_device, data_dir,
                                       not no_download, not quiet)
     context, torch_device = distributed_setup(torch_device)  # one process unless launched by torchrun
@@ -380,7 +169,7 @@ def main(ctx, dataset, preset, epochs, batch_size, lr, head_lr_scale, z_dim, dep
         if run_dir is not None:
             raise click.UsageError("--resume continues a run in its own folder; drop --run-dir")
         config = read_config(resume_dir)
-        clashes = [f"--{flag.replace('_', '-')} {value}" + f" (the run has {getattr(config, CONFIG_FLAGS[flag])})"
+        clashes = [f"{_flag(flag)} {value}" + f" (the run has {getattr(config, CONFIG_FLAGS[flag])})"
                    for flag, value in given.items() if value != getattr(config, CONFIG_FLAGS[flag])]
         if clashes:
             raise RunError(f"cannot resume {resume_dir} with a different config: {', '.join(clashes)}. "
@@ -406,15 +195,96 @@ def main(ctx, dataset, preset, epochs, batch_size, lr, head_lr_scale, z_dim, dep
     echo = click.echo if context.is_main else (lambda message: None)
     batch = (f"batch {config.batch_size} per process x {context.world} processes" if context.active
              else f"batch {config.batch_size}")
-    echo(f"Run folder: {run_dir}  ({config.dataset}, preset {config.schedule}, {config.epochs} epochs, "
+    echo(f"Run folder: {run_dir}  ({config.model} on {config.dataset}, preset {config.schedule}, {config.epochs} epochs, "
          f"{batch}, lr {config.lr:g}, depth {config.depth}, likelihood {config.likelihood}, device {torch_device})")
     launcher = "torchrun -m pyro_rnp.fit" if context.active else "python -m pyro_rnp.fit"
     try:
         train(config, run_dir, torch_device, data_dir, download=not no_download, resume=resume_dir is not None,
-              progress=not quiet, command=" ".join([launcher, *sys.argv[1:]]), context=context)
+              progress=not quiet, command=" ".join([launcher, *sys.argv[1:]]), context=context,
+              prepare_process=True)
     finally:
         teardown(context)
     echo(f"Done. Figures in {run_dir / 'figures'}; load the model with pyro_rnp.load_run('{run_dir}').")
+
+
+def fit_autonormal_command(ctx, source_dir, guide, resume_dir, run_dir, device, data_dir, download, progress):
+    """``fit --guide autonormal --from RUN_DIR``: see pyro_rnp/analysis/per_image.py."""
+    if guide != "autonormal":
+        raise click.UsageError("--from is for --guide autonormal (fitting a few images with a trained decoder)")
+    if source_dir is None:
+        raise click.UsageError("--guide autonormal fits images with a trained, frozen decoder: "
+                               "pass --from RUN_DIR (a run trained with an amortized guide)")
+    if resume_dir is not None:
+        raise click.UsageError("--resume does not apply to --guide autonormal (a run of minutes); start it again")
+    params = ctx.params
+    allowed = {"limit", "epochs", "lr", "seed", "guide", "source_dir", "device", "data_dir", "no_download",
+               "run_dir", "quiet", "eval_limit"}
+    extra = [_flag(name) for name in params
+             if name not in allowed and ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE]
+    if extra:
+        raise click.UsageError(f"{', '.join(extra)} cannot change a trained decoder; --guide autonormal takes "
+                               "--from, --limit, --epochs, --lr, --seed and the data and output flags")
+    n = params["limit"] or DEFAULT_IMAGES
+    if n > MAX_IMAGES:
+        raise click.BadParameter(f"the autonormal guide fits at most {MAX_IMAGES} images; use an amortized guide "
+                                 "for more", param_hint="--limit")
+    source_config = read_config(source_dir)
+    source = load_run(source_dir, device=device, fast=fast_path_enabled())
+    if source.config.guide == "autonormal":
+        raise RunError(f"{source_dir} is itself an autonormal run; pass the run it was fitted from")
+    config = dataclasses.replace(source_config, guide="autonormal", limit=n, exclude_classes=(),
+                                 epochs=params["epochs"] or DEFAULT_PASSES, lr=params["lr"] or DEFAULT_LR,
+                                 seed=params["seed"] if params["seed"] is not None else source_config.seed,
+                                 lr_warmup_steps=0, lr_schedule="cosine", head_lr_scale=1.0)
+    images, _ = held_out(config, data_dir, download, n)
+    images = images.to(device)
+    run_dir = pathlib.Path(run_dir or f"runs/{config.dataset}-autonormal-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (run_dir / "checkpoint.pt").exists():
+        raise RunError(f"{run_dir} already holds a run; choose another --run-dir")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "figures").mkdir(exist_ok=True)
+    write_config(run_dir, config, command=" ".join(["python -m pyro_rnp.fit", *sys.argv[1:]]), device=str(device),
+                 source_run=str(source_dir))
+    click.echo(f"Run folder: {run_dir}  (autonormal over {images.shape[0]} held-out {config.dataset} images, "
+               f"decoder and prior from {source_dir}, frozen; {config.epochs} steps, lr {config.lr:g})")
+
+    torch.manual_seed(config.seed)
+    pyro.set_rng_seed(config.seed)
+    amortized = evaluate(source, images, iw_samples=EVAL_SAMPLES)
+    rnp = autonormal_from(source, images, config)
+    started = time.perf_counter()
+
+    def record(k, loss):
+        if (k + 1) % 50 == 0 or k + 1 == config.epochs:
+            append_metrics(run_dir, {"step": k + 1, "train_loss": loss, "wall_time_s": time.perf_counter() - started})
+
+    prepare_process_for_training(cpu=device.type == "cpu")
+    with StopRequest() as stop:
+        losses = fit_autonormal(rnp, config.epochs, config.lr, config.grad_clip, progress, record,
+                                stop=lambda: stop.requested, fast=fast_path_enabled())
+    save_checkpoint(run_dir, rnp, None, epoch=1, step=len(losses), batch_in_epoch=0,
+                    wall_time_s=time.perf_counter() - started)
+    fitted = evaluate(rnp, images, iw_samples=EVAL_SAMPLES)
+    result = {"n_images": images.shape[0], "steps": len(losses), "lr": config.lr, "likelihood": fitted["likelihood"],
+              "source_run": str(source_dir), "neg_elbo_amortized": amortized["neg_elbo"],
+              "mse_amortized": amortized["mse"], "neg_elbo_autonormal": fitted["neg_elbo"],
+              "mse_autonormal": fitted["mse"], "iw_samples": EVAL_SAMPLES,
+              "iwae_nll_amortized": amortized["iwae_nll"], "iwae_nll_autonormal": fitted["iwae_nll"]}
+    write_result(run_dir, "autonormal.json", result)
+    figure = plot_autonormal(source, rnp, images[:8], run_dir / "figures" / "autonormal.png")
+    click.echo(f"{result['n_images']} images, likelihood {result['likelihood']} (nats per image): "
+               f"-ELBO amortized {result['neg_elbo_amortized']:.1f} -> autonormal {result['neg_elbo_autonormal']:.1f}; "
+               f"MSE {result['mse_amortized']:.4f} -> {result['mse_autonormal']:.4f}")
+    click.echo(f"Written to {run_dir / 'autonormal.json'} and {figure}; the run loads with load_run('{run_dir}').")
+    if len(losses) < config.epochs:
+        sys.exit(130)
+    return rnp
+
+
+def _flag(param: str) -> str:
+    """The command-line spelling of a parameter of main."""
+    return {"model_name": "--model", "plugins": "--plugin", "source_dir": "--from", "resume_dir": "--resume",
+            "compile_": "--compile"}.get(param, "--" + param.replace("_", "-"))
 
 
 def _load_plugins(plugins) -> tuple[str, ...]:
@@ -432,6 +302,7 @@ def _load_plugins(plugins) -> tuple[str, ...]:
 
 
 def _check_component_names(prior, guide, decoder) -> None:
+    """Unknown component names are refused with the valid ones, before anything is built."""
     for kind, name in (("prior", prior), ("guide", guide), ("decoder", decoder)):
         if name is not None and name not in components.names(kind):
             raise click.BadParameter(f"unknown {kind} {name!r}; choose one of {', '.join(components.names(kind))}",

@@ -8,10 +8,10 @@ from pyro.infer import Predictive, Trace_ELBO
 
 from conftest import tiny_config
 from pyro_rnp import RNP, load_run
-from pyro_rnp import components
-from pyro_rnp.evaluate import evaluate
-from pyro_rnp.oneshot import autonormal_from, fit_autonormal
-from pyro_rnp.runs import save_checkpoint, write_config
+from pyro_rnp.model import components
+from pyro_rnp.analysis.evaluate import evaluate
+from pyro_rnp.analysis.per_image import autonormal_from, fit_autonormal
+from pyro_rnp.training.runs import save_checkpoint, write_config
 from pyro_rnp.training import TrainStep, make_optimizer
 
 VARIANTS = [dict(prior="normal"), dict(prior="mog"), dict(prior="vamp"), dict(prior="flow"),

@@ -267,7 +267,7 @@ def test_atomic_write_leaves_no_temp_on_failure(tmp_path):
         raise OSError("disk full")
 
     with pytest.raises(OSError):
-        data._atomic_write(dest, boom)
+        data.atomic_write(dest, boom)
     assert list(dest.parent.iterdir()) == []
-    data._atomic_write(dest, lambda tmp: Path(tmp).write_bytes(b"ok"))
+    data.atomic_write(dest, lambda tmp: Path(tmp).write_bytes(b"ok"))
     assert dest.read_bytes() == b"ok" and [p.name for p in dest.parent.iterdir()] == ["f.pt"]

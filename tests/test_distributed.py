@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from conftest import REPO, SHARED_DATA, tiny_config
 from pyro_rnp import load_run
-from pyro_rnp.distributed import SyncedBatchNorm
+from pyro_rnp.training.distributed import SyncedBatchNorm
 
 PLUGIN = str(REPO / "tests" / "plugins" / "map_guide.py")
 
@@ -27,7 +27,7 @@ def _worker(rank, world, port, run_dir, out_dir):
                       LOCAL_RANK=str(rank), PYRO_RNP_DATA=str(SHARED_DATA))
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
-    from pyro_rnp.distributed import setup, teardown
+    from pyro_rnp.training.distributed import setup, teardown
     from pyro_rnp.fit import train
     context, device = setup(torch.device("cpu"))
     try:

@@ -10,7 +10,7 @@ from pyro.infer import Trace_ELBO
 
 from conftest import REPO, SHARED_DATA, tiny_config
 from pyro_rnp import RNP
-from pyro_rnp.evaluate import evaluate, log_weights
+from pyro_rnp.analysis.evaluate import evaluate, log_weights
 from pyro_rnp.fit import train
 
 

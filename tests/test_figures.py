@@ -8,9 +8,9 @@ import torch
 
 from conftest import REPO, SHARED_DATA, tiny_config
 from pyro_rnp import RNP
-from pyro_rnp.figures import colour_parts, plot_parse
+from pyro_rnp.analysis.plots import colour_parts, plot_parse
 from pyro_rnp.fit import train
-from pyro_rnp.library import cluster, gather_programs
+from pyro_rnp.analysis.program_space import cluster, gather_programs
 
 
 def test_parts_get_the_papers_colours():

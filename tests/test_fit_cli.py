@@ -11,7 +11,7 @@ import torch
 
 from conftest import REPO, SHARED_DATA
 from pyro_rnp import load_run
-from pyro_rnp.runs import RunError, load_checkpoint
+from pyro_rnp.training.runs import RunError, load_checkpoint
 
 TINY = ["--z-dim", "8", "--hidden", "16", "--steps", "2", "--batch-size", "16", "--eval-limit", "32",
         "--data-dir", str(SHARED_DATA), "--no-download", "--quiet", "--device", "cpu"]
@@ -148,14 +148,12 @@ def test_ctrl_c_saves_a_loadable_checkpoint_and_resumes(tmp_path):
     assert load_checkpoint(run_dir)["step"] == 50  # 800 images / batch 16, continued where it stopped
 
 
-def test_the_time_estimate_reads_well_for_short_and_long_runs(capsys):
-    from pyro_rnp.config import RNPConfig
-    from pyro_rnp.fit import _say_how_long
+def test_the_time_estimate_reads_well_for_short_and_long_runs():
+    from pyro_rnp.model.config import RNPConfig
+    from pyro_rnp.training.run import how_long_message
     cpu = torch.device("cpu")
-    _say_how_long(RNPConfig(epochs=1), cpu, images_per_s=200.0, epoch_images=64)
-    _say_how_long(RNPConfig(epochs=2), cpu, images_per_s=200.0, epoch_images=60_000)
-    _say_how_long(RNPConfig(epochs=200), cpu, images_per_s=200.0, epoch_images=60_000)
-    short, quick, paper = capsys.readouterr().out.strip().splitlines()
+    short, quick, paper = (how_long_message(RNPConfig(epochs=epochs), cpu, images_per_s=200.0, epoch_images=images)
+                           for epochs, images in ((1, 64), (2, 60_000), (200, 60_000)))
     assert "1 epoch of 64 images takes less than a minute" in short
     assert "2 epochs of 60000 images take about 10 minutes" in quick
     assert "200 epochs of 60000 images take about 16.7 hours" in paper and "--preset quick" in paper

@@ -9,7 +9,7 @@ import torch
 from conftest import REPO, SHARED_DATA, tiny_config
 from pyro_rnp import RNP
 from pyro_rnp.fit import train
-from pyro_rnp.ppc import p_values, posterior_predictive_check, posterior_replicates, statistics
+from pyro_rnp.analysis.ppc import p_values, posterior_predictive_check, posterior_replicates, statistics
 
 
 def test_statistics_of_known_images():

@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from pyro_rnp.spatial import action_to_theta, crop, invert_theta, place
+from pyro_rnp.model.spatial import action_to_theta, crop, invert_theta, place
 
 
 def random_theta(n, generator):
@@ -56,7 +56,7 @@ def test_children_are_smaller_than_their_parent():
 
 def test_affine_grid_matches_pytorch():
     import torch.nn.functional as F
-    from pyro_rnp.spatial import affine_grid
+    from pyro_rnp.model.spatial import affine_grid
     theta = random_theta(7, torch.Generator().manual_seed(3)).double()
     expected = F.affine_grid(theta, [7, 1, 28, 20], align_corners=False)
     assert torch.allclose(affine_grid(theta, 28, 20), expected, atol=1e-12)

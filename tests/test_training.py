@@ -11,7 +11,7 @@ from conftest import SHARED_DATA, tiny_config
 from pyro_rnp import RNP
 from pyro_rnp.cli import TrainingError
 from pyro_rnp.fit import train
-from pyro_rnp.runs import RunError, load_checkpoint, save_checkpoint
+from pyro_rnp.training.runs import RunError, load_checkpoint, save_checkpoint
 from pyro_rnp.training import TrainStep, make_optimizer
 
 
@@ -95,35 +95,41 @@ def _alive(kind) -> int:
 def test_steps_and_evaluation_leave_no_programs_behind(fashion_images):
     """Generated programs and their graph nodes go when a step or an evaluation is done: a
     reference cycle through autograd's C++ nodes once kept every step's (3 MB a step)."""
-    from pyro_rnp.hypernet import GeneratedPrograms, fast_backward
+    from pyro_rnp.fast import FastPrograms, TrainingPass
     rnp = RNP(tiny_config())
     step = TrainStep(rnp, make_optimizer(rnp, 1e-3))
-    before = _alive(GeneratedPrograms), _alive(fast_backward)
+    before = _alive(FastPrograms), _alive(TrainingPass)
     for _ in range(3):
         step(fashion_images[:8])
     rnp.parse(fashion_images[:4])
     step.loss(fashion_images[:4])  # a forward pass with gradients on and no backward
-    assert (_alive(GeneratedPrograms), _alive(fast_backward)) == before == (0, 0)
+    assert (_alive(FastPrograms), _alive(TrainingPass)) == before == (0, 0)
 
 
-_FIRST_STEP = """
+_PROCESS = """
 import gc, sys, torch
 from pyro_rnp import RNP, RNPConfig
+from pyro_rnp.fast import prepare_process_for_training
 from pyro_rnp.training import TrainStep, make_optimizer
 rnp = RNP(RNPConfig(z_dim=8, hidden=16, embed=8, action_hidden=8, steps=2, encoder_blocks=1, encoder_hidden=16))
 before = gc.get_freeze_count()
 step = TrainStep(rnp, make_optimizer(rnp, 1e-3))
-frozen = gc.get_freeze_count()
-TrainStep(rnp, make_optimizer(rnp, 1e-3))
 step(torch.rand(4, 1, 28, 28))
-print(before, frozen, gc.get_freeze_count())
+built = gc.get_freeze_count()
+prepare_process_for_training()
+frozen = gc.get_freeze_count()
+prepare_process_for_training()
+step(torch.rand(4, 1, 28, 28))
+print(before, built, frozen, gc.get_freeze_count())
 """
 
 
-def test_the_first_train_step_freezes_long_lived_objects_once_and_exits_cleanly():
-    """Python's full collections skip the objects alive before training (12 ms a paper-size step),
-    only once per process; they are handed back at exit, so nothing reports leaks at shutdown."""
-    out = subprocess.run([sys.executable, "-c", _FIRST_STEP], capture_output=True, text=True, check=True)
-    before, frozen, after = map(int, out.stdout.split())
-    assert before == 0 and frozen > 10_000 and after <= frozen  # objects freed since only leave it
+def test_only_the_entry_point_changes_the_process_and_only_once():
+    """Building and running a TrainStep leaves the garbage collector alone; the entry point's
+    prepare_process_for_training freezes the objects alive then out of full collections, once per
+    process, and hands them back at exit, so nothing reports leaks at shutdown."""
+    out = subprocess.run([sys.executable, "-c", _PROCESS], capture_output=True, text=True, check=True)
+    before, built, frozen, after = map(int, out.stdout.split())
+    assert before == built == 0
+    assert frozen > 10_000 and after <= frozen  # objects freed since only leave it
     assert "leak" not in out.stderr.lower(), out.stderr[-2000:]

@@ -8,7 +8,7 @@ import torch
 from conftest import REPO, SHARED_DATA, tiny_config
 from pyro_rnp import RNP
 from pyro_rnp.fit import train
-from pyro_rnp.transfer import adapt_encoder
+from pyro_rnp.analysis.transfer import adapt_encoder
 
 
 def test_adaptation_changes_the_encoder_and_nothing_else(fashion_images):
@@ -28,7 +28,7 @@ def test_transfer_command(tmp_path):
     train(config, run_dir, torch.device("cpu"), SHARED_DATA, download=False, progress=False)
     common = ["--data-dir", str(SHARED_DATA), "--no-download", "--quiet"]
     out = subprocess.run([sys.executable, "-m", "pyro_rnp.transfer", str(run_dir), "--classes", "7", "--epochs", "1",
-                          "--limit", "48", "--eval-limit", "16", *common],
+                          "--train-limit", "48", "--limit", "16", *common],
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr
     result = json.loads((run_dir / "transfer.json").read_text())

@@ -21,11 +21,11 @@ from .spatial import action_to_theta, crop, place
 class GeneratedNetworks:
     """The small networks that H writes for a batch of N programs (one set per program)."""
 
-    def __init__(self, programs: GeneratedPrograms, elu: bool):
+    def __init__(self, programs: GeneratedPrograms, elu: bool, like: torch.Tensor):
         self.programs = programs
         self.layer = programs.apply
         self.elu = elu
-        self.empty = programs.head.new_empty(programs.n, 0)
+        self.empty = like.new_empty(programs.n, 0)
 
     def initial_state(self, name: str) -> torch.Tensor:
         """h0 of the "state" or "policy" RNN."""
@@ -134,7 +134,7 @@ class ProgramExecutor(nn.Module):
     def _run(self, z, level, target, part_error, record):
         n, size = z.shape[0], self.image_size
         programs, action, patch = self.hypernet(z)
-        nets = GeneratedNetworks(programs, self.generated_activation == "elu")
+        nets = GeneratedNetworks(programs, self.generated_activation == "elu", like=self.hypernet.head)
         h_state, h_policy = nets.initial_state("state"), nets.initial_state("policy")
         patch = patch.view(n, 1, size, size)
         canvas = 0.0

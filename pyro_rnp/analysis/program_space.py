@@ -1,6 +1,7 @@
-"""Program space: the programs a trained RNP uses, gathered by level and clustered.
+"""Program space: the programs a trained RNP uses, gathered by level, embedded and clustered.
 
-    clusters     (the paper's Fig. 4b) k-means of the programs at each level, with what members draw
+    tsne         (the paper's Fig. 4a) t-SNE of top-level and child programs, with a linear probe
+    clusters     (Fig. 4b) k-means of the programs at each level, with what members draw
     interpolate  (Fig. 4c) straight lines between cluster centres in program space, decoded
     library      the learned primitive library: clusters of part-level and leaf-level programs, each
                  shown by its typical drawing and how often parses use it
@@ -12,13 +13,13 @@ so a leaf is shown by the patch it was decoded to.
 from __future__ import annotations
 
 import math
+import pathlib
 from dataclasses import dataclass
 
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from .figures import save_figure
+from .plots import plt, save_figure
 
 
 @dataclass
@@ -170,3 +171,59 @@ def library_summary(clusterings: list[Clustering], depth: int) -> dict:
             "level": c.level, "clusters": int(len(c.usage)), "usage": [round(float(u), 4) for u in c.usage],
             "effective_primitives": float(np.exp(-(usage * np.log(usage)).sum()))}
     return out
+
+
+@torch.no_grad()
+def program_vectors(rnp, x: torch.Tensor, batch_size: int = 64):
+    """Top-level programs z (posterior means) and their child programs z_t, with what each draws:
+    (vectors (M, z_dim), level of each (M,), canvases (M, 28, 28))."""
+    vectors, levels, canvases = [], [], []
+    for start in range(0, x.shape[0], batch_size):
+        tree = rnp.parse(x[start:start + batch_size])
+        for nodes in tree.levels()[:2]:
+            for node in nodes:
+                vectors.append(node.z.cpu())
+                levels.append(torch.full((node.z.shape[0],), node.level))
+                canvases.append(rnp.likelihood.mean(node.canvas)[:, 0].cpu())
+    return torch.cat(vectors), torch.cat(levels), torch.cat(canvases)
+
+
+def plot_tsne(rnp, x: torch.Tensor, path, seed: int = 0, clusters: int = 8) -> tuple[pathlib.Path, dict]:
+    """The paper's Fig. 4a: t-SNE of top-level and child program vectors, coloured by level, with the
+    program nearest each k-means centre of the embedding drawn beside it; and the held-out accuracy
+    of a linear probe that tells the two levels apart (the claim the figure makes)."""
+    from sklearn.cluster import KMeans
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.manifold import TSNE
+    from sklearn.model_selection import train_test_split
+
+    vectors, levels, canvases = program_vectors(rnp, x)
+    v, y = vectors.numpy(), levels.numpy()
+    train_v, test_v, train_y, test_y = train_test_split(v, y, test_size=0.3, random_state=seed, stratify=y)
+    probe = LogisticRegression(max_iter=2000).fit(train_v, train_y)
+    accuracy = float(probe.score(test_v, test_y))
+    embedding = TSNE(n_components=2, random_state=seed, init="pca",
+                     perplexity=min(30.0, (len(v) - 1) / 3)).fit_transform(v)
+    kmeans = KMeans(n_clusters=min(clusters, len(v)), random_state=seed, n_init=4).fit(embedding)
+    fig = plt.figure(figsize=(10, 5))
+    ax = fig.add_axes([0.05, 0.1, 0.55, 0.8])
+    names = {int(level): ("top-level programs" if level == rnp.config.depth else f"level-{int(level)} programs")
+             for level in np.unique(y)}
+    for level, colour in zip(sorted(names, reverse=True), ["tab:purple", "tab:orange", "tab:cyan"]):
+        mask = y == level
+        ax.scatter(embedding[mask, 0], embedding[mask, 1], s=4, alpha=0.6, color=colour, label=names[level])
+    ax.legend(fontsize=8, markerscale=3)
+    ax.set_title(f"t-SNE of program vectors; linear probe tells levels apart with "
+                 f"{100 * accuracy:.1f}% held-out accuracy", fontsize=9)
+    ax.set_xticks([]), ax.set_yticks([])
+    for k, centre in enumerate(kmeans.cluster_centers_):
+        nearest = int(np.argmin(((embedding - centre) ** 2).sum(1)))
+        ax.annotate(str(k + 1), centre, fontsize=9, weight="bold")
+        inset = fig.add_axes([0.63 + 0.09 * (k % 4), 0.55 - 0.42 * (k // 4), 0.08, 0.35])
+        inset.imshow(canvases[nearest].clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+        inset.set_xticks([]), inset.set_yticks([])
+        inset.set_title(f"{k + 1}: level {int(y[nearest])}", fontsize=7)
+    path = save_figure(fig, path)
+    summary = {"probe_accuracy": accuracy, "probe": "logistic regression, 70/30 split, held-out accuracy",
+               "n_vectors": int(len(v)), **{f"n_level_{int(k)}": int((y == k).sum()) for k in np.unique(y)}}
+    return path, summary

@@ -1,16 +1,14 @@
-"""The RNP as a Pyro model and guide.
+"""A VAE assembled from named components, and the plain VAE baseline (``--model vae``).
 
-model:  z ~ prior                                  (site "z", event shape (z_dim,), in the "data" plate)
-        canvas = ProgramExecutor(z)                (deterministic, registered with pyro.module)
-        factor "parts": -part_weight * part error  (the paper's part-level loss: a regulariser,
-                                                    not part of the likelihood; absent when x is None)
-        x ~ likelihood(canvas)                     (site "x", observed when x is given)
-guide:  z ~ q(z | x)                               (the guide module, registered with pyro.module;
-                                                    the paper's is the ResNet encoder's diagonal Normal)
+model:  z ~ prior                       (site "z", event shape (z_dim,), in the "data" plate)
+        canvas = decoder(z)             (deterministic, registered with pyro.module)
+        x ~ likelihood(canvas)          (site "x", observed when x is given)
+guide:  z ~ q(z | x)                    (the guide module, registered with pyro.module)
 
 Prior, guide and decoder are swappable components (components.py): by name in the
 config (``RNPConfig(prior="vamp")``), or as modules (``RNP(config, guide=MyGuide())``).
-Whatever they are, the latent site is "z" in the "data" plate.
+Whatever they are, the latent site is "z" in the "data" plate. The RNP (rnp.py) is
+this model with the program executor as its decoder and a part-level regulariser.
 """
 from __future__ import annotations
 
@@ -21,16 +19,19 @@ import torch.nn as nn
 from . import components
 from .config import RNPConfig
 from .likelihoods import make_likelihood
-from .program import ExecutorOutput, ProgramNode
+from .program import ExecutorOutput
 
 
-class RNP(nn.Module):
-    """Prior, decoder (the program executor) and guide of a Recursive Neural Program.
+class ComponentVAE(nn.Module):
+    """Prior, decoder and guide of a VAE over images, built from the components a config names.
 
     ``prior``, ``guide`` and ``decoder`` default to the components named in the config; a module
-    passed here replaces that component (its name in the config is then only a label).
-    The guide module is ``self.encoder`` and the decoder ``self.executor`` (checkpoint names).
+    passed here replaces that component (its name in the config is then only a label). The guide
+    module is ``self.encoder`` and the decoder ``self.executor`` (checkpoint names).
+    Implements the model protocol of registry.py (objective "trace_elbo").
     """
+
+    objective = "trace_elbo"
 
     def __init__(self, config: RNPConfig | None = None, prior: nn.Module | None = None,
                  guide: nn.Module | None = None, decoder: nn.Module | None = None):
@@ -47,12 +48,13 @@ class RNP(nn.Module):
 
     @property
     def has_parts(self) -> bool:
-        """Whether the decoder draws a program tree (the mlp baseline does not)."""
+        """Whether the decoder draws a program tree (the mlp decoder does not)."""
         return hasattr(self.executor, "hypernet")
 
     # --- Pyro model and guide -------------------------------------------------------------
     def model(self, x: torch.Tensor | None = None, batch_size: int | None = None, part_term: bool = True):
-        """Generative model for a batch x (B, 1, 28, 28); with x=None it generates batch_size images."""
+        """Generative model for a batch x (B, 1, 28, 28); with x=None it generates batch_size images.
+        ``part_term=False`` leaves out the part-level regulariser (a decoder without parts has none)."""
         pyro.module("rnp_prior", self.prior)
         pyro.module("rnp_executor", self.executor)
         n = _batch_size(x, batch_size)
@@ -74,41 +76,35 @@ class RNP(nn.Module):
         with pyro.plate("data", x.shape[0]):
             return pyro.sample("z", self.encoder.posterior(x))
 
-    # --- analysis ---------------------------------------------------------------------------
+    # --- the model protocol's analysis methods ----------------------------------------------
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """The guide's single z per image (B, z_dim): the posterior mean for the Normal guides."""
         return self.encoder.point(x)
 
     def decode(self, z: torch.Tensor, record: bool = True) -> ExecutorOutput:
-        """Run programs z (*B, z_dim); with record=True the output holds the whole tree."""
+        """Run the decoder on z (*B, z_dim); with record=True a program executor keeps the whole tree."""
         return self.executor(z, record=record)
 
     @torch.no_grad()
-    def parse(self, x: torch.Tensor) -> ProgramNode:
-        """The program tree of images x at the posterior mean of z (see ProgramNode for the fields)."""
-        self._need_parts("a parse")
-        return self.decode(self.encode(x)).tree
-
-    @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """The likelihood's mean image at the posterior mean of z."""
+        """The likelihood's mean image (B, 1, 28, 28) at the guide's point estimate of z."""
         return self.likelihood.mean(self.decode(self.encode(x), record=False).canvas)
 
     @torch.no_grad()
-    def sample(self, n: int) -> ProgramNode:
-        """Programs drawn from the prior, run with the whole tree recorded."""
-        self._need_parts("sampled parts")
-        return self.decode(self.sample_z(n)).tree
+    def sample(self, n: int) -> torch.Tensor:
+        """The likelihood's mean image (n, 1, 28, 28) of n programs drawn from the prior."""
+        return self.likelihood.mean(self.decode(self.sample_z(n), record=False).canvas)
 
     @torch.no_grad()
     def sample_z(self, n: int) -> torch.Tensor:
-        """n programs from the prior, (n, z_dim)."""
+        """n latent vectors from the prior, (n, z_dim)."""
         return self.prior().sample((n,))
 
-    def _need_parts(self, what: str) -> None:
-        if not self.has_parts:
-            raise ValueError(f"the {self.config.decoder} decoder draws no parts, so there is no {what}; "
-                             "use a run with --decoder rnp")
+
+class VAE(ComponentVAE):
+    """The baseline VAE: the same latent size, prior, guide, likelihood and training as the RNP,
+    with a plain MLP decoder (config.decoder "mlp") instead of a program tree. It measures what
+    the RNP's structure costs or gains in likelihood."""
 
 
 def _batch_size(x, batch_size):

@@ -21,3 +21,11 @@ def atomic_write(dest: pathlib.Path, write) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def write_json(dest: pathlib.Path, record) -> pathlib.Path:
+    """Write ``record`` as indented JSON to ``dest``, atomically; returns ``dest``."""
+    import json
+    dest = pathlib.Path(dest)
+    atomic_write(dest, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
+    return dest

@@ -1,79 +1,69 @@
-"""One SVI training step (Trace_ELBO, Adam, gradient clamp), shared by the fit loop and the benchmark."""
+"""One SVI training step (the model's ELBO, Adam, gradient clamp), shared by the training loop and
+the benchmark."""
 from __future__ import annotations
 
-import atexit
 import contextlib
-import gc
 import math
 
 import torch
-from pyro.infer import Trace_ELBO
+import torch.nn as nn
+from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 
-from . import cpu
+from .. import fast as fast_path
+from ..model.hypernet import HyperNetwork
 from .distributed import Context, ELBOLoss
-from .hypernet import fast_backward
-from .model import RNP
 
 AMP_DTYPES = {"bf16": torch.bfloat16}
+ELBOS = {"trace_elbo": Trace_ELBO, "tracegraph_elbo": TraceGraph_ELBO}
 
 
-def make_optimizer(rnp: RNP, lr: float, head_lr_scale: float = 1.0) -> torch.optim.Optimizer:
-    """Adam; the hypernetwork's head may take smaller steps than the rest (``head_lr_scale``).
+def make_optimizer(model: nn.Module, lr: float, head_lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """Adam; the hypernetworks' heads may take smaller steps than the rest (``head_lr_scale``).
 
-    Every generated weight sums the head over H's 64 trunk units, so one Adam step
-    (about lr per head element) moves it by up to lr * sum|h|; at lr 3e-4 that
-    diverged within 100-200 steps from some initialisations (measured), while
-    the head at lr/8 and the rest at up to 1e-3 trained stably.
+    Every generated weight sums the head over H's trunk units, so one Adam step (about
+    lr per head element) moves it by up to lr * sum|h|: the head diverges at learning
+    rates the rest of the model takes in its stride (the quick preset's choice is in config.py).
     """
-    head = rnp.executor.hypernet.head if rnp.has_parts else None
-    rest = [p for p in rnp.parameters() if p is not head and p.requires_grad]
+    heads = [m.head for m in model.modules() if isinstance(m, HyperNetwork)]
+    rest = [p for p in model.parameters() if all(p is not head for head in heads) and p.requires_grad]
     groups = [{"params": rest, "lr": lr, "base_lr": lr}]
-    if head is not None and head.requires_grad:
-        groups.append({"params": [head], "lr": lr * head_lr_scale, "base_lr": lr * head_lr_scale})
-    # the fused kernel does Adam's update in one pass over ~10M head weights instead of several
+    trained_heads = [head for head in heads if head.requires_grad]
+    if trained_heads:
+        groups.append({"params": trained_heads, "lr": lr * head_lr_scale, "base_lr": lr * head_lr_scale})
+    # the fused kernel does Adam's update in one pass over the head's millions of weights
     return torch.optim.Adam(groups, lr=lr, fused=True)
 
 
-_PREPARED = [False]
-
-
-def _prepare_process(on_cpu: bool) -> None:
-    """Process-wide settings for training, made once, when the first TrainStep is built.
-
-    - Python's cyclic collector: the objects alive now (torch's and Pyro's modules and
-      the model, about 340k) move to its permanent generation (``gc.freeze``), so that
-      a full collection no longer walks them all; those collections cost 12 ms per
-      paper-size CPU step (4%, measured with gc.callbacks). Objects made later are
-      collected as before; the frozen ones are handed back at exit for a clean shutdown.
-    - On CPU, glibc keeps freed memory for the next step (``cpu.keep_freed_memory``).
-    """
-    if on_cpu:
-        cpu.keep_freed_memory()
-    if not _PREPARED[0]:
-        _PREPARED[0] = True
-        gc.freeze()
-        atexit.register(gc.unfreeze)
-
-
 class TrainStep:
-    """Stochastic variational inference: one Trace_ELBO gradient step on a batch.
+    """Stochastic variational inference: one gradient step of the model's ELBO on a batch.
 
-    The loss is -ELBO (plus the part-level regulariser) summed over the batch, as
-    Pyro's plates define it. Gradients are clamped element-wise to +-grad_clip as
-    the authors' code does. A non-finite loss skips the update and is reported.
+    The loss is -ELBO (plus the RNP's part-level regulariser) summed over the batch, as
+    Pyro's plates define it, with the ELBO the model's ``objective`` names (Trace_ELBO or
+    TraceGraph_ELBO). Gradients are clamped element-wise to +-grad_clip as the authors'
+    code does. A non-finite loss skips the update and is reported.
 
-    Under torch.distributed (``context.active``) the loss module is wrapped in
-    DistributedDataParallel (see distributed.py). ``amp="bf16"`` runs the forward pass
-    under autocast in bfloat16; the weights, gradients and Adam stay in float32.
+    ``fast=True`` puts the fast path on the model's hypernetworks (``pyro_rnp.fast.accelerate``)
+    and opens a ``TrainingPass`` around each single-process float32 step; ``fast=False``
+    trains on the plain path. Under torch.distributed (``context.active``) the loss module
+    is wrapped in DistributedDataParallel (see distributed.py). ``amp="bf16"`` runs the
+    forward pass under autocast in bfloat16; the weights, gradients and Adam stay in float32.
+    Building a TrainStep changes nothing outside the model: process-wide settings are the
+    entry point's (``pyro_rnp.fast.prepare_process_for_training``).
     """
 
-    def __init__(self, rnp: RNP, optimizer: torch.optim.Optimizer, grad_clip: float = 0.2,
+    def __init__(self, rnp: nn.Module, optimizer: torch.optim.Optimizer, grad_clip: float = 0.2,
                  warmup_steps: int = 0, schedule: str = "constant", total_steps: int | None = None,
-                 frozen: tuple[torch.nn.Module, ...] = (), context: Context = Context(), amp: str | None = None):
+                 frozen: tuple[torch.nn.Module, ...] = (), context: Context = Context(), amp: str | None = None,
+                 fast: bool = True):
         self.rnp = rnp
         self.optimizer = optimizer
         self.grad_clip = grad_clip
-        self.elbo = Trace_ELBO()
+        objective = getattr(rnp, "objective", "trace_elbo")
+        if objective not in ELBOS:
+            raise ValueError(f"TrainStep trains by an ELBO ({', '.join(ELBOS)}); the model's objective is "
+                             f"{objective!r}")
+        self.elbo = ELBOS[objective]()
+        self.program_path = fast_path.program_path(fast_path.accelerate(rnp)) if fast else None
         self.context = context
         self.amp = amp
         self.loss = ELBOLoss(rnp, self.elbo, scale=context.world)
@@ -89,7 +79,6 @@ class TrainStep:
         self.total_steps = total_steps
         self.params = [p for p in rnp.parameters() if p.requires_grad]
         self.buffers = list(rnp.buffers())
-        _prepare_process(on_cpu=any(p.device.type == "cpu" for p in self.params))
 
     def lr_scale(self, step: int) -> float:
         """Linear warm-up over the first warmup_steps; then constant, or a cosine decay to 0 at total_steps."""
@@ -116,11 +105,11 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=False)
         # batch-norm statistics move during the forward pass: keep them to undo a step that is not applied
         buffers = [(b, b.clone()) for b in self.buffers]
-        # the fast path adds the head's gradient in place, past DDP's hooks and autocast's dtypes
-        fast = not self.context.active and self.amp is None
+        # the training pass adds the head's gradient in place, past DDP's hooks and autocast's dtypes
+        deferred = self.program_path is not None and not self.context.active and self.amp is None
         autocast = (torch.autocast(x.device.type, dtype=AMP_DTYPES[self.amp]) if self.amp
                     else contextlib.nullcontext())
-        with fast_backward() if fast else contextlib.nullcontext():
+        with self.program_path.training_pass() if deferred else contextlib.nullcontext():
             try:
                 with autocast:
                     loss = self.loss(x)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-DATASETS = ("fashion", "mnist", "omniglot")
+from ..data.catalog import DATASETS
+
 SCHEDULES = ("paper", "quick")
 LIKELIHOODS = ("normal", "bernoulli")
 ACTIVATIONS = ("elu", "linear")
@@ -23,6 +24,7 @@ class RNPConfig:
     limit: int | None = None          # use the first N training images
     exclude_classes: tuple[int, ...] = ()
     # model (RNP-MODEL.md; defaults are the paper's sizes)
+    model: str = "rnp"                # the registered model (registry.py): rnp, vae, or a plugin's
     z_dim: int = 32                   # |z|, the program vector
     depth: int = 2                    # levels K of the program tree
     steps: int = 4                    # tau, children per program
@@ -43,7 +45,7 @@ class RNPConfig:
     flow_layers: int = 2              # transforms in the flow prior and in the IAF guide
     guide: str = "resnet"             # resnet (paper), resnet-lowrank, resnet-iaf, autonormal
     guide_rank: int = 4               # rank of the low-rank guide's covariance factor
-    decoder: str = "rnp"              # rnp (paper) or mlp (the baseline VAE)
+    decoder: str = "rnp"              # rnp (the program executor) or mlp (what model "vae" decodes with)
     decoder_hidden: int = 512         # width of the mlp decoder
     plugins: tuple[str, ...] = ()     # user modules that register components, imported before building
     # training
@@ -65,6 +67,7 @@ class RNPConfig:
     def __post_init__(self):
         checks = [
             (self.dataset in DATASETS, f"dataset must be one of {', '.join(DATASETS)}, not {self.dataset!r}"),
+            (isinstance(self.model, str) and bool(self.model), "model must be a registered model's name"),
             (self.schedule in SCHEDULES, f"schedule must be one of {', '.join(SCHEDULES)}, not {self.schedule!r}"),
             (self.amp in (None, "bf16"), f"amp must be None or 'bf16', not {self.amp!r}"),
             (self.lr_schedule in LR_SCHEDULES,
@@ -90,6 +93,12 @@ class RNPConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        # the mlp decoder is the vae model, and the vae model decodes with it (configs written before
+        # models had names said decoder "mlp" alone)
+        if self.decoder == "mlp" and self.model == "rnp":
+            object.__setattr__(self, "model", "vae")
+        if self.model == "vae":
+            object.__setattr__(self, "decoder", "mlp")
         object.__setattr__(self, "exclude_classes", tuple(int(c) for c in self.exclude_classes))
         object.__setattr__(self, "plugins", tuple(str(p) for p in self.plugins))
 
@@ -123,7 +132,7 @@ class RNPConfig:
         return cls(**d)
 
     # fields that define the model's parameters: a checkpoint fits only a config that agrees on these
-    ARCHITECTURE = ("z_dim", "depth", "steps", "hidden", "embed", "action_hidden", "image_size",
+    ARCHITECTURE = ("model", "z_dim", "depth", "steps", "hidden", "embed", "action_hidden", "image_size",
                     "generated_activation", "encoder_blocks", "encoder_hidden", "prior", "prior_components",
                     "flow_layers", "guide", "guide_rank", "decoder", "decoder_hidden")
 

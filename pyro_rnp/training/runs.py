@@ -17,8 +17,8 @@ import random
 import numpy as np
 import torch
 
-from .config import RNPConfig
-from .files import atomic_write
+from ..data.atomic import atomic_write, write_json
+from ..model.config import RNPConfig
 
 CHECKPOINT = "checkpoint.pt"
 CONFIG = "config.json"
@@ -41,15 +41,19 @@ def new_run_dir(dataset: str, root: str | pathlib.Path = "runs") -> pathlib.Path
 
 
 def versions() -> dict:
+    import importlib.metadata
+
     import pyro
-    from . import __version__
-    return {"pyro_rnp": __version__, "torch": torch.__version__, "pyro": pyro.__version__,
+    try:
+        ours = importlib.metadata.version("pyro_rnp")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        ours = "unknown"
+    return {"pyro_rnp": ours, "torch": torch.__version__, "pyro": pyro.__version__,
             "python": platform.python_version()}
 
 
 def write_config(run_dir: pathlib.Path, config: RNPConfig, **extra) -> None:
-    record = {"config": config.to_dict(), "versions": versions(), **extra}
-    atomic_write(run_dir / CONFIG, lambda p: p.write_text(json.dumps(record, indent=2) + "\n"))
+    write_json(run_dir / CONFIG, {"config": config.to_dict(), "versions": versions(), **extra})
 
 
 def read_config(run_dir: pathlib.Path) -> RNPConfig:
@@ -145,11 +149,18 @@ def load_state(rnp, payload: dict, path="checkpoint") -> None:
                        f"{str(e).splitlines()[0][:200]}") from None
 
 
-def load_run(run_dir, device="cpu"):
-    """The trained RNP of a run folder, in eval mode, on ``device``."""
-    from .model import RNP
+def load_run(run_dir, device="cpu", fast: bool = True):
+    """The trained model of a run folder (whichever model it trained), in eval mode, on ``device``;
+    with ``fast`` its generated programs run on the fast path (``pyro_rnp.fast.accelerate``)."""
+    from .. import fast as fast_path
+    from ..model.registry import build_model
     run_dir = pathlib.Path(run_dir)
     payload = load_checkpoint(run_dir, map_location=device)
-    rnp = RNP(RNPConfig.from_dict(payload["config"]))
-    load_state(rnp, payload, run_dir / CHECKPOINT)
-    return rnp.to(device).eval()
+    try:
+        model = build_model(RNPConfig.from_dict(payload["config"]))
+    except ValueError as e:  # a model or component this install does not have
+        raise RunError(f"{run_dir} cannot be rebuilt: {e}") from None
+    load_state(model, payload, run_dir / CHECKPOINT)
+    if fast:
+        fast_path.accelerate(model)
+    return model.to(device).eval()

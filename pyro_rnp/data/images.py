@@ -13,15 +13,24 @@ import os
 import pathlib
 import shutil
 
+import logging
+
 import numpy as np
 import torch
-import torchvision
 from torch.utils.data import TensorDataset
 
-from .files import atomic_write as _atomic_write
+from .atomic import atomic_write as _atomic_write
+from .catalog import DATASETS, SPLITS
 
-DATASETS = ("fashion", "mnist", "omniglot")
-SPLITS = ("train", "test")
+log = logging.getLogger("pyro_rnp.data")
+_announced: set = set()
+
+
+def _say_which_copy(what: str, data_dir: pathlib.Path, copy: pathlib.Path) -> None:
+    """One line, once per process, when the data comes from our cache rather than the data folder."""
+    if (what, str(copy)) not in _announced:
+        _announced.add((what, str(copy)))
+        log.info(f"{what}: not in {data_dir}; using the verified copy in {copy}")
 
 _TV_CLASSES = {"fashion": "FashionMNIST", "mnist": "MNIST"}
 _OMNIGLOT_FOLDERS = {"train": "images_background", "test": "images_evaluation"}
@@ -92,6 +101,7 @@ def _missing_message(what: str, searched: pathlib.Path, expected, layout: str, d
 
 
 def _tv_class(name: str):
+    import torchvision  # imported when data is read: importing pyro_rnp.data stays cheap
     return getattr(torchvision.datasets, _TV_CLASSES[name])
 
 
@@ -135,6 +145,7 @@ def _torchvision_root(name: str, data_dir: pathlib.Path, download: bool) -> path
         return _extract_gz_to_cache(cls, src_raw)
     cache_root = cache_dir() / "torchvision"
     if all((cache_root / cls.__name__ / "raw" / n).is_file() for n in names):
+        _say_which_copy(cls.__name__, data_dir, cache_root / cls.__name__)
         return cache_root
     error = None
     if download:
@@ -184,10 +195,12 @@ def _omniglot_folder(split: str, data_dir: pathlib.Path, download: bool) -> path
         return searched
     cache_root = cache_dir() / "torchvision"
     if (cache_root / sub).is_dir():
+        _say_which_copy(f"Omniglot {split}", data_dir, cache_root / sub)
         return cache_root / sub
     error = None
     if download:
         try:
+            import torchvision
             torchvision.datasets.Omniglot(root=str(cache_root), background=(split == "train"), download=True)
             if (cache_root / sub).is_dir():
                 return cache_root / sub

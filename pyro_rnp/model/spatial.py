@@ -38,8 +38,8 @@ def affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """``F.affine_grid(theta, (N, C, H, W), align_corners=False)`` as one matrix product.
 
     PyTorch's version multiplies a per-sample copy of the base grid in a batched
-    product of inner size 3, which took a quarter of a millisecond per call at
-    batch 64 on CPU (24 calls per training step).
+    product of inner size 3; here the base grid is made once per size and the
+    whole batch is one product. Exact to PyTorch's (tested).
     """
     n = theta.shape[0]
     base = _base_grid(height, width, theta.dtype, theta.device)
