@@ -7,7 +7,7 @@ The package is in layers, each importing only the ones before it:
     fast/      speed only: the same computations as model/, faster (tests hold them equal)
     training/  the SVI step, the one training loop, run folders, several processes
     analysis/  evaluation, predictive checks, figures, program space, transfer, per-image fits
-    fit.py, evaluate.py, ppc.py, figures.py, transfer.py, bench.py
+    fit.py, evaluate.py, ppc.py, figures.py, transfer.py, bench.py, gpucheck.py
                the commands (``python -m pyro_rnp.fit`` ...), thin: options, then one call each
 """
 import sys as _sys

@@ -41,5 +41,11 @@ class ResNetEncoder(nn.Module):
         return self.mlp(self.features(x.contiguous(memory_format=torch.channels_last)))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.features_of(x)
-        return self.loc(h), self.log_scale(h).exp()
+        return self.heads(self.features_of(x))
+
+    def heads(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loc, scale) of q(z | x) from the features, in at least float32 whatever the features were
+        computed in: the guide's location and noise keep full precision under autocast."""
+        h = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
+        with torch.autocast(h.device.type, enabled=False):
+            return self.loc(h), self.log_scale(h).exp()

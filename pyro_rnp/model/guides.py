@@ -29,7 +29,8 @@ class DiagonalNormalGuide(ResNetEncoder):
     """q(z | x) = N(loc(x), diag scale(x)^2) from the ResNet encoder."""
 
     def diagonal(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return ResNetEncoder.forward(self, x)
+        """(loc, scale), each (B, z_dim), in at least float32."""
+        return self.heads(self.features_of(x))
 
     def posterior(self, x: torch.Tensor) -> dist.Distribution:
         loc, scale = self.diagonal(x)
@@ -52,9 +53,23 @@ class LowRankNormalGuide(DiagonalNormalGuide):
 
     def posterior(self, x: torch.Tensor) -> dist.Distribution:
         h = self.features_of(x)
-        loc, scale = self.loc(h), self.log_scale(h).exp()
-        factor = self.cov_factor(h).unflatten(-1, (loc.shape[-1], self.rank))
-        return dist.LowRankMultivariateNormal(loc, factor, scale.pow(2))
+        loc, scale = self.heads(h)
+        with torch.autocast(loc.device.type, enabled=False):
+            factor = self.cov_factor(h.to(loc.dtype)).unflatten(-1, (loc.shape[-1], self.rank))
+            return FullPrecisionLowRankNormal(loc, factor, scale.pow(2))
+
+
+class FullPrecisionLowRankNormal(dist.LowRankMultivariateNormal):
+    """LowRankMultivariateNormal whose sampling and density never run under autocast: its Cholesky
+    factor has no bfloat16 kernel on CUDA, and its products would lose the location's precision."""
+
+    def rsample(self, sample_shape=torch.Size()):
+        with torch.autocast(self.loc.device.type, enabled=False):
+            return super().rsample(sample_shape)
+
+    def log_prob(self, value):
+        with torch.autocast(self.loc.device.type, enabled=False):
+            return super().log_prob(value.float() if value.dtype in (torch.float16, torch.bfloat16) else value)
 
 
 class IAFGuide(DiagonalNormalGuide):
@@ -76,7 +91,8 @@ class IAFGuide(DiagonalNormalGuide):
 
     def _parts(self, x):
         h = self.features_of(x)
-        return self.loc(h), self.log_scale(h).exp(), [flow.condition(h) for flow in self.flows]
+        loc, scale = self.heads(h)
+        return loc, scale, [flow.condition(h) for flow in self.flows]
 
     def posterior(self, x: torch.Tensor) -> dist.Distribution:
         loc, scale, transforms = self._parts(x)

@@ -1,9 +1,8 @@
 """Observation models p(x | canvas). Every reported number says which one it is under."""
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 import pyro.distributions as dist
+import torch
 
 
 class NormalLikelihood:
@@ -14,7 +13,8 @@ class NormalLikelihood:
         self.name = f"normal(sigma={scale:g})"
 
     def distribution(self, canvas: torch.Tensor) -> dist.Distribution:
-        return dist.Normal(canvas, self.scale).to_event(3)
+        # the scale as a tensor filled on the device: a Python float would be copied from the host
+        return dist.Normal(canvas, canvas.new_full((), self.scale)).to_event(3)
 
     def observation(self, x: torch.Tensor) -> torch.Tensor:
         return x
@@ -50,8 +50,11 @@ class BernoulliLikelihood:
         return self.probs(canvas)
 
     def part_error(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        p = self.probs(prediction)
-        return F.binary_cross_entropy(p, target.clamp(0, 1), reduction="none").flatten(1).sum(1)
+        """Binary cross-entropy of the part guess against the target, per image, in float32: written
+        out rather than ``F.binary_cross_entropy``, which CUDA autocast refuses (p is clamped away
+        from 0 and 1, so the logs are finite)."""
+        p, t = self.probs(prediction.float()), target.float().clamp(0, 1)
+        return -(t * torch.log(p) + (1 - t) * torch.log1p(-p)).flatten(1).sum(1)
 
 
 def make_likelihood(name: str, scale: float = 0.5):

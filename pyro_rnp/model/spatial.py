@@ -4,6 +4,9 @@ An action is 6 numbers in [-1, 1] read as a 2x3 matrix theta = reshape(a) + s0*[
 theta maps canvas coordinates to patch coordinates on the [-1, 1] grid, as
 ``affine_grid`` does, so a scale s0 >= 2.3 shrinks the patch by that factor:
 every child is smaller than its parent by construction.
+
+Placement is computed in at least float32 whatever the networks compute in: under
+bfloat16 autocast, 3.3 would become 3.297 and the sampling grid would lose pixels.
 """
 from __future__ import annotations
 
@@ -13,11 +16,23 @@ import torch
 import torch.nn.functional as F
 
 
+def full_precision(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 if it is in a half-precision type (from autocast), else x itself."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def action_to_theta(action: torch.Tensor, scale_offset: float) -> torch.Tensor:
-    """(..., 6) actions -> (..., 2, 3) affine matrices with s0 added to the diagonal."""
-    theta = action.reshape(*action.shape[:-1], 2, 3)
-    offset = theta.new_tensor([[scale_offset, 0.0, 0.0], [0.0, scale_offset, 0.0]])
-    return theta + offset
+    """(..., 6) actions -> (..., 2, 3) affine matrices with s0 added to the diagonal, in at least float32."""
+    theta = full_precision(action).reshape(*action.shape[:-1], 2, 3)
+    return theta + _scale_offset(scale_offset, theta.dtype, theta.device)
+
+
+@functools.lru_cache(maxsize=16)
+def _scale_offset(scale_offset: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """[[s0, 0, 0], [0, s0, 0]], made once per device: building it per call copies it from the host,
+    which makes a CUDA step wait."""
+    with torch.inference_mode(False):  # cached: it must also serve steps that record gradients
+        return torch.tensor([[scale_offset, 0.0, 0.0], [0.0, scale_offset, 0.0]], dtype=dtype, device=device)
 
 
 def invert_theta(theta: torch.Tensor) -> torch.Tensor:
@@ -42,8 +57,10 @@ def affine_grid(theta: torch.Tensor, height: int, width: int) -> torch.Tensor:
     whole batch is one product. Exact to PyTorch's (tested).
     """
     n = theta.shape[0]
+    theta = full_precision(theta)
     base = _base_grid(height, width, theta.dtype, theta.device)
-    grid = torch.mm(theta.reshape(n * 2, 3), base)  # (N * 2, H * W): row 2n is x, row 2n + 1 is y
+    with torch.autocast(theta.device.type, enabled=False):
+        grid = torch.mm(theta.reshape(n * 2, 3), base)  # (N * 2, H * W): row 2n is x, row 2n + 1 is y
     return grid.view(n, 2, height, width).permute(0, 2, 3, 1)
 
 
@@ -61,9 +78,10 @@ def _make_base_grid(height, width, dtype, device):
 
 
 def warp(image: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Sample (N, 1, H, W) images at theta(canvas grid): bilinear, zeros outside."""
+    """Sample (N, 1, H, W) images at theta(canvas grid): bilinear, zeros outside; in at least float32."""
     grid = affine_grid(theta, image.shape[-2], image.shape[-1])
-    return F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    with torch.autocast(grid.device.type, enabled=False):
+        return F.grid_sample(full_precision(image), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def place(patch: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:

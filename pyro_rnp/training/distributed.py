@@ -50,9 +50,6 @@ def setup(device: torch.device) -> tuple[Context, torch.device]:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend)
-        # batch-norm statistics get their own group: their all-reduces run inside the backward pass,
-        # alongside DDP's asynchronous gradient all-reduces, and must never be paired with those
-        _STATS_GROUP[0] = dist.new_group(backend=backend)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
@@ -60,13 +57,9 @@ def setup(device: torch.device) -> tuple[Context, torch.device]:
     return Context(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend()), device
 
 
-_STATS_GROUP = [None]
-
-
 def teardown(context: Context) -> None:
     if context.active and dist.is_initialized():
         dist.destroy_process_group()
-        _STATS_GROUP[0] = None
 
 
 def sum_across(context: Context, *values: float, device=None) -> list[float]:
@@ -123,13 +116,16 @@ class SyncedBatchNorm(nn.modules.batchnorm._BatchNorm):
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         dims = [0, *range(2, x.dim())]
-        count = torch.tensor(float(x.numel() // x.shape[1]), device=x.device, dtype=x.dtype).expand(1)
-        stats = torch.cat([x.sum(dims), (x * x).sum(dims), count])
+        # statistics in at least float32 (under bfloat16 autocast, counts are inexact and E[x^2] - mean^2
+        # can fall below zero); the count is filled on the device, not copied from the host
+        x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        count = x32.new_full((1,), float(x.numel() // x.shape[1]))
+        stats = torch.cat([x32.sum(dims), (x32 * x32).sum(dims), count])
         stats = _AllReduceSum.apply(stats)
         c = x.shape[1]
         n = stats[-1]
         mean = stats[:c] / n
-        var = stats[c:2 * c] / n - mean * mean
+        var = (stats[c:2 * c] / n - mean * mean).clamp(min=0)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -137,25 +133,30 @@ class SyncedBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.running_mean.mul_(1 - m).add_(m * mean)
                 self.running_var.mul_(1 - m).add_(m * var * n / (n - 1))
         shape = [1, c] + [1] * (x.dim() - 2)
-        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        y = (x32 - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y
+        return y.to(x.dtype)
 
 
 class _AllReduceSum(torch.autograd.Function):
-    """Sum over processes; the gradient of a sum over processes is the sum of the processes' gradients."""
+    """Sum over processes; the gradient of a sum over processes is the sum of the processes' gradients.
+
+    On the default process group, the one DDP's gradient buckets use: every process runs its
+    backward pass in the same order, so these all-reduces and DDP's are issued in the same order
+    everywhere on one communicator (a second communicator with operations in flight beside DDP's
+    can deadlock when processes order them differently)."""
 
     @staticmethod
     def forward(ctx, x):
         out = x.clone()
-        dist.all_reduce(out, group=_STATS_GROUP[0])
+        dist.all_reduce(out)
         return out
 
     @staticmethod
     def backward(ctx, grad):
         grad = grad.clone()
-        dist.all_reduce(grad, group=_STATS_GROUP[0])
+        dist.all_reduce(grad)
         return grad
 
 

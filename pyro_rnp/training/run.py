@@ -37,12 +37,16 @@ class TrainedRun:
     checkpoint: pathlib.Path
 
 
-def compile_model(model: torch.nn.Module) -> None:
-    """torch.compile the parts with static shapes and no Python-side state: the encoder, and an mlp
-    decoder. The program executor's generated layers run through our own autograd Functions."""
-    model.encoder.compile()
+def compile_model(model: torch.nn.Module, **options) -> None:
+    """torch.compile the parts with static shapes and no Python-side state: the encoder's convolutional
+    and fully connected stacks (compiled as modules, so that every guide method that reads them runs
+    compiled, not only ``forward``), and an mlp decoder. The program executor's generated layers run
+    through autograd Functions of their own. ``options`` go to ``torch.compile`` (e.g. backend)."""
+    stacks = [getattr(model.encoder, name) for name in ("features", "mlp") if hasattr(model.encoder, name)]
+    for module in stacks or [model.encoder]:
+        module.compile(**options)
     if not getattr(model, "has_parts", False):
-        model.executor.compile()
+        model.executor.compile(**options)
 
 
 def load_datasets(config: RNPConfig, data_dir, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,6 +110,11 @@ def train_run(config: RNPConfig, run_dir: pathlib.Path, device: torch.device, sc
         start = Position(payload["epoch"], seen // global_batch, payload["step"])
         wall_before = payload["wall_time_s"]
         say(f"Resuming {run_dir} at epoch {start.epoch + 1}, step {start.step}.")
+    if context.active and context.rank > 0:
+        # the model is the same everywhere (built from one seed, and DDP starts from rank 0's weights),
+        # but each process draws its own noise: its own stream, also after a resume (which restored rank
+        # 0's states on every process)
+        torch.manual_seed(rank_seed(config.seed, context.rank, start.step))
     if before_training is not None:
         before_training()
     started = time.perf_counter()
@@ -154,6 +163,11 @@ def train_run(config: RNPConfig, run_dir: pathlib.Path, device: torch.device, sc
     end, stopped = loop.run(config.epochs, start, stop, end_of_epoch)
     path = checkpoint(end) if stopped else run_dir / CHECKPOINT
     return TrainedRun(model.eval(), end, stopped, path)
+
+
+def rank_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of process ``rank``'s random stream from ``step`` on (rank 0 keeps the run's own stream)."""
+    return (seed * 1_000_003 + rank * 7_919 + step) % (2 ** 63)
 
 
 def _how_long_teller(config: RNPConfig, device: torch.device) -> Callable[[float, int], None]:

@@ -83,18 +83,26 @@ def read_metrics(run_dir: pathlib.Path) -> list[dict]:
 
 
 def _rng_state() -> dict:
+    """The RNG states of this process: CPU, NumPy, Python, and the current CUDA device's (only that one:
+    a run resumed with another number of visible GPUs must still restore it)."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+    """Restore ``_rng_state()``'s states, wherever ``torch.load``'s map_location put the tensors (torch
+    takes RNG states only as CPU byte tensors)."""
+    torch.set_rng_state(state["torch"].cpu())
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # checkpoints that saved every visible device's state
+            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda.cpu())
 
 
 def save_checkpoint(run_dir: pathlib.Path, rnp, optimizer, *, epoch: int, step: int, batch_in_epoch: int,

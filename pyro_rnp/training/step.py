@@ -5,16 +5,51 @@ from __future__ import annotations
 import contextlib
 import math
 
+import pyro
 import torch
 import torch.nn as nn
 from pyro.infer import Trace_ELBO, TraceGraph_ELBO
+from pyro.distributions.util import is_identically_zero
 
 from .. import fast as fast_path
 from ..model.hypernet import HyperNetwork
 from .distributed import Context, ELBOLoss
 
 AMP_DTYPES = {"bf16": torch.bfloat16}
-ELBOS = {"trace_elbo": Trace_ELBO, "tracegraph_elbo": TraceGraph_ELBO}
+
+
+class TraceELBOOnDevice(Trace_ELBO):
+    """Trace_ELBO's differentiable loss, computed without reading any value back to the host.
+
+    Pyro's version sums every site's log-probability as a Python float and checks the loss
+    for NaN, each a wait for the device. For guides whose sites are all reparameterized
+    this returns the same loss (to float rounding) with the same gradient, as a tensor on
+    the device; a particle with a score-function term is left to Pyro's computation.
+    """
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        loss = 0.0
+        for model_trace, guide_trace in self._get_traces(model, guide, args, kwargs):
+            loss = loss + self._particle_loss(model_trace, guide_trace) / self.num_particles
+        return loss
+
+    def _particle_loss(self, model_trace, guide_trace):
+        elbo = 0.0
+        for site in model_trace.nodes.values():
+            if site["type"] == "sample":
+                elbo = elbo + site["log_prob_sum"]
+        for site in guide_trace.nodes.values():
+            if site["type"] == "sample":
+                _, score_function_term, entropy_term = site["score_parts"]
+                if not is_identically_zero(score_function_term):
+                    loss, surrogate = self._differentiable_loss_particle(model_trace, guide_trace)
+                    return loss + (surrogate - surrogate.detach())
+                if not is_identically_zero(entropy_term):
+                    elbo = elbo - entropy_term.sum()
+        return -elbo
+
+
+ELBOS = {"trace_elbo": TraceELBOOnDevice, "tracegraph_elbo": TraceGraph_ELBO}
 
 
 def make_optimizer(model: nn.Module, lr: float, head_lr_scale: float = 1.0) -> torch.optim.Optimizer:
@@ -78,7 +113,9 @@ class TrainStep:
         self.frozen = frozen  # submodules kept in eval mode (their parameters are not trained)
         self.total_steps = total_steps
         self.params = [p for p in rnp.parameters() if p.requires_grad]
-        self.buffers = list(rnp.buffers())
+        # the buffers a forward pass moves (batch-norm statistics), kept to undo a step that is not applied
+        self.buffers = [b for m in rnp.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                        for b in m.buffers()]
 
     def lr_scale(self, step: int) -> float:
         """Linear warm-up over the first warmup_steps; then constant, or a cosine decay to 0 at total_steps."""
@@ -96,7 +133,8 @@ class TrainStep:
 
     def __call__(self, x: torch.Tensor, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (loss summed over the batch, detached; whether the update was applied), both
-        0-dim tensors on x's device: with the fused optimizer nothing here waits for the device."""
+        0-dim tensors on x's device: with the fused optimizer and validation off (as on CUDA),
+        nothing here waits for the device."""
         self.rnp.train()
         for module in self.frozen:
             module.eval()
@@ -109,9 +147,11 @@ class TrainStep:
         deferred = self.program_path is not None and not self.context.active and self.amp is None
         autocast = (torch.autocast(x.device.type, dtype=AMP_DTYPES[self.amp]) if self.amp
                     else contextlib.nullcontext())
+        checks = contextlib.nullcontext() if validates_inside(x.device, self.context) else \
+            pyro.validation_enabled(False)
         with self.program_path.training_pass() if deferred else contextlib.nullcontext():
             try:
-                with autocast:
+                with autocast, checks:
                     loss = self.loss(x)
             except ValueError as e:  # with validation on, a distribution refused non-finite parameters
                 if "invalid values" not in str(e):
@@ -139,6 +179,14 @@ class TrainStep:
         for buffer, saved in buffers:
             buffer.copy_(torch.where(finite, buffer, saved))
         return finite
+
+
+def validates_inside(device: torch.device, context: Context) -> bool:
+    """Whether a training step keeps Pyro's validation on (as the global setting says): on CPU in one
+    process. Validation checks every distribution with a host wait, and under DDP a refusal on one
+    process alone would leave the others waiting in the all-reduce; on CUDA and across processes,
+    non-finite values are caught by the step's finiteness flag instead, the same on every process."""
+    return device.type != "cuda" and not context.active
 
 
 def _all_finite(finite: torch.Tensor) -> torch.Tensor:
