@@ -195,13 +195,14 @@ def main(ctx, dataset, preset, epochs, batch_size, lr, head_lr_scale, z_dim, dep
     echo = click.echo if context.is_main else (lambda message: None)
     batch = (f"batch {config.batch_size} per process x {context.world} processes" if context.active
              else f"batch {config.batch_size}")
-    echo(f"Run folder: {run_dir}  ({config.model} on {config.dataset}, preset {config.schedule}, {config.epochs} epochs, "
-         f"{batch}, lr {config.lr:g}, depth {config.depth}, likelihood {config.likelihood}, device {torch_device})")
+    echo(f"Run folder: {run_dir}  ({config.model} on {config.dataset}, preset {config.schedule}, "
+         f"{config.epochs} epochs, {batch}, lr {config.lr:g}, depth {config.depth}, likelihood {config.likelihood}, "
+         f"device {torch_device})")
     launcher = "torchrun -m pyro_rnp.fit" if context.active else "python -m pyro_rnp.fit"
     try:
         train(config, run_dir, torch_device, data_dir, download=not no_download, resume=resume_dir is not None,
               progress=not quiet, command=" ".join([launcher, *sys.argv[1:]]), context=context,
-              prepare_process=True)
+              prepare_process=True, fast=fast_path_enabled())
     finally:
         teardown(context)
     echo(f"Done. Figures in {run_dir / 'figures'}; load the model with pyro_rnp.load_run('{run_dir}').")

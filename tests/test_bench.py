@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -36,8 +37,9 @@ def test_bench_refuses_cuda_without_a_gpu():
     assert out.returncode == 2 and "CUDA is not available" in out.stderr
 
 
-def test_bench_refuses_unknown_variants_and_bf16_on_cpu():
-    for variants, message in (("fp32,nope", "unknown variant nope"), ("bf16", "bf16 autocast is for CUDA")):
+def test_bench_refuses_unknown_variants_and_bf16_on_a_cpu_without_it():
+    env = dict(os.environ, PYRO_RNP_CPU_BF16="0")  # this CPU as one without avx512_bf16 or AMX
+    for variants, message in (("fp32,nope", "unknown variant nope"), ("bf16", "does not compute bfloat16 natively")):
         out = subprocess.run([sys.executable, "-m", "pyro_rnp.bench", "--variants", variants, "--device", "cpu"],
-                             capture_output=True, text=True, cwd=REPO, timeout=120)
+                             capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
         assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr

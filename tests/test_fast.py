@@ -321,3 +321,10 @@ def test_training_works_after_decoding_under_inference_mode():
     step = TrainStep(rnp, make_optimizer(rnp, 1e-3))
     loss, applied = step(torch.rand(3, 1, 28, 28))
     assert bool(applied) and torch.isfinite(loss)
+
+
+def test_the_commands_take_the_plain_path_when_asked(monkeypatch):
+    from pyro_rnp.cli import fast_path_enabled
+    assert fast_path_enabled()
+    monkeypatch.setenv("PYRO_RNP_FAST", "0")
+    assert not fast_path_enabled()

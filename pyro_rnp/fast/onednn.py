@@ -81,3 +81,15 @@ def add_mm_tn(target: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> 
         return torch.mm(a.t(), b) if target is None else target.addmm_(a.t(), b)
     product = _linear(a.t().contiguous(), b.t())
     return product if target is None else target.add_(product)
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (avx512_bf16 or AMX), as oneDNN reports it through
+    the private ``torch.ops.mkldnn._is_mkldnn_bf16_supported`` (False where this torch lacks it).
+    ``PYRO_RNP_CPU_BF16=0`` treats the CPU as one without (to see what such a machine is told)."""
+    if os.environ.get("PYRO_RNP_CPU_BF16", "1") == "0":
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
