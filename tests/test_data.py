@@ -271,3 +271,31 @@ def test_atomic_write_leaves_no_temp_on_failure(tmp_path):
     assert list(dest.parent.iterdir()) == []
     data.atomic_write(dest, lambda tmp: Path(tmp).write_bytes(b"ok"))
     assert dest.read_bytes() == b"ok" and [p.name for p in dest.parent.iterdir()] == ["f.pt"]
+
+
+def test_multi_mnist_scenes_are_built_once_the_same_way_and_keep_counts_and_labels(tmp_path, monkeypatch):
+    """Scenes of 0-2 digits from the data root's MNIST files, built into our cache (not the data root), the
+    same for the same seed, with the global NumPy state left as it was."""
+    import numpy as np
+
+    from pyro_rnp.data.multi_mnist import TEST_SEED, TRAIN_SEED, load_scenes
+    monkeypatch.setenv("PYRO_RNP_CACHE", str(tmp_path / "cache"))
+    np.random.seed(123)
+    before = np.random.get_state()[1].copy()
+    train = load_scenes("train", SHARED_DATA, scenes=60)
+    assert np.array_equal(np.random.get_state()[1], before)
+    images, counts, labels = train.tensors
+    assert images.shape == (60, 1, 50, 50) and images.dtype == torch.float32
+    assert 0 <= images.min() and images.max() <= 1 and set(counts.tolist()) <= {0, 1, 2}
+    assert torch.equal((labels >= 0).sum(1), counts) and labels.max() <= 9
+    assert ((images.flatten(1).sum(1) > 0) == (counts > 0)).all()  # an empty scene is black, a digit is not
+    built = list((tmp_path / "cache" / "multi_mnist").glob("*.pt"))
+    assert [p.name for p in built] == [f"train-60-seed{TRAIN_SEED}-50px.pt"]
+    # read back from the cache (the data root is not needed any more), and the same again when rebuilt
+    again = load_scenes("train", tmp_path / "no-data", download=False, scenes=60, limit=10)
+    assert torch.equal(again.tensors[0], images[:10])
+    built[0].unlink()
+    assert torch.equal(load_scenes("train", SHARED_DATA, scenes=60).tensors[0], images)
+    test = load_scenes("test", SHARED_DATA, scenes=60)
+    assert not torch.equal(test.tensors[0], images)
+    assert (tmp_path / "cache" / "multi_mnist" / f"test-60-seed{TEST_SEED}-50px.pt").is_file()

@@ -301,6 +301,12 @@ def load_images(
     return TensorDataset(images.to(torch.float32).div_(255.0), labels.to(torch.int64))
 
 
+def mnist_digits(split: str, data_dir=None, download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST's ``split`` as torchvision holds it: digits uint8 (N, 28, 28) and labels int64 (N,)."""
+    _check_split(split)
+    return _load_torchvision("mnist", split, _resolve_data_dir(data_dir), download)
+
+
 def class_names(name: str, split: str = "test", data_dir=None) -> list[str]:
     """Names indexed by label: torchvision's class names, or "Alphabet/characterNN" for omniglot's split."""
     _check_name(name)
