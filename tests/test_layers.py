@@ -57,7 +57,9 @@ def test_no_module_is_long(path):
 
 def test_the_model_layer_loads_no_ui_plotting_or_speed_code():
     """Importing the model layer (and building and running an RNP) loads neither click, matplotlib, tqdm
-    nor the fast layer, beyond what torch and pyro load themselves (torch.hub imports tqdm)."""
+    nor the fast layer, beyond what torch and pyro load themselves: ``import torch`` loads tqdm (through
+    torch.hub) and ``import pyro`` loads tqdm.auto (through pyro.infer), so a model written in Pyro cannot
+    avoid those; the model layer adds none."""
     code = ("import sys, torch, pyro, pyro.infer\n"
             "def loaded():\n"
             "    return {m for m in sys.modules if m.split('.')[0] in ('click', 'matplotlib', 'tqdm')"

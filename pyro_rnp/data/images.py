@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import logging
 import os
 import pathlib
 import shutil
-
-import logging
 
 import numpy as np
 import torch
@@ -31,6 +30,7 @@ def _say_which_copy(what: str, data_dir: pathlib.Path, copy: pathlib.Path) -> No
     if (what, str(copy)) not in _announced:
         _announced.add((what, str(copy)))
         log.info(f"{what}: not in {data_dir}; using the verified copy in {copy}")
+
 
 _TV_CLASSES = {"fashion": "FashionMNIST", "mnist": "MNIST"}
 _OMNIGLOT_FOLDERS = {"train": "images_background", "test": "images_evaluation"}
@@ -72,7 +72,7 @@ def _check_name(name: str) -> str:
     return name
 
 
-def _check_split(split: str) -> str:
+def check_split(split: str) -> str:
     if split not in SPLITS:
         raise DataError(f"Unknown split {split!r}; choose one of: {', '.join(SPLITS)}.")
     return split
@@ -282,7 +282,7 @@ def load_images(
     Raises DataError for an unknown name or split, and for missing data.
     """
     _check_name(name)
-    _check_split(split)
+    check_split(split)
     data_dir = _resolve_data_dir(data_dir)
     if name == "omniglot":
         images, labels = _load_omniglot(split, data_dir, download)
@@ -293,24 +293,30 @@ def load_images(
     if excluded:
         keep = ~torch.isin(labels, torch.tensor(excluded, dtype=labels.dtype))
         images, labels = images[keep], labels[keep]
-    if limit is not None:
-        if limit < 0:
-            raise DataError(f"limit must be >= 0, got {limit}.")
-        images, labels = images[:limit], labels[:limit]
+    images, labels = first(limit, images, labels)
     # Convert after filtering: uint8 is 4x smaller to index.
     return TensorDataset(images.to(torch.float32).div_(255.0), labels.to(torch.int64))
 
 
+def first(limit: int | None, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The first ``limit`` rows of each tensor (all of them for None)."""
+    if limit is None:
+        return tensors
+    if limit < 0:
+        raise DataError(f"limit must be >= 0, got {limit}.")
+    return tuple(t[:limit] for t in tensors)
+
+
 def mnist_digits(split: str, data_dir=None, download: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """MNIST's ``split`` as torchvision holds it: digits uint8 (N, 28, 28) and labels int64 (N,)."""
-    _check_split(split)
+    check_split(split)
     return _load_torchvision("mnist", split, _resolve_data_dir(data_dir), download)
 
 
 def class_names(name: str, split: str = "test", data_dir=None) -> list[str]:
     """Names indexed by label: torchvision's class names, or "Alphabet/characterNN" for omniglot's split."""
     _check_name(name)
-    _check_split(split)
+    check_split(split)
     if name != "omniglot":
         return list(_tv_class(name).classes)
     return _omniglot_characters(_omniglot_folder(split, _resolve_data_dir(data_dir), download=False))

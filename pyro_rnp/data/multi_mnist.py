@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from .atomic import atomic_write
-from .images import DataError, _check_split, cache_dir, log, mnist_digits
+from .images import cache_dir, check_split, first, log, mnist_digits
 
 CANVAS = 50
 MAX_DIGITS = 2
@@ -34,7 +34,7 @@ def load_scenes(split: str, data_dir=None, download: bool = False, limit: int | 
     """TensorDataset(images float32 (N, 1, 50, 50) in [0, 1], counts int64 (N,), labels int64 (N, 2)
     with -1 where a scene has fewer digits). ``scenes`` builds a split of another size (tests);
     ``limit`` keeps the first N scenes."""
-    _check_split(split)
+    check_split(split)
     n = SCENES[split] if scenes is None else scenes
     seed = TRAIN_SEED if split == "train" else TEST_SEED
     path = cache_dir() / "multi_mnist" / f"{split}-{n}-seed{seed}-{CANVAS}px.pt"
@@ -48,11 +48,7 @@ def load_scenes(split: str, data_dir=None, download: bool = False, limit: int | 
         log.info(f"Multi-MNIST {split}: building {n} scenes from MNIST's {split} digits into {path}")
         payload = build_scenes(*mnist_digits(split, data_dir, download), n, seed)
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
-    images, counts, labels = payload["images"], payload["counts"], payload["labels"]
-    if limit is not None:
-        if limit < 0:
-            raise DataError(f"limit must be >= 0, got {limit}.")
-        images, counts, labels = images[:limit], counts[:limit], labels[:limit]
+    images, counts, labels = first(limit, payload["images"], payload["counts"], payload["labels"])
     return TensorDataset(images.to(torch.float32).div_(255.0).unsqueeze(1), counts, labels)
 
 

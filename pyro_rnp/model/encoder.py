@@ -5,6 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .precision import full_precision
+
 
 class BasicBlock(nn.Module):
     def __init__(self, channels: int):
@@ -46,6 +48,6 @@ class ResNetEncoder(nn.Module):
     def heads(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(loc, scale) of q(z | x) from the features, in at least float32 whatever the features were
         computed in: the guide's location and noise keep full precision under autocast."""
-        h = h.float() if h.dtype in (torch.float16, torch.bfloat16) else h
+        h = full_precision(h)
         with torch.autocast(h.device.type, enabled=False):
             return self.loc(h), self.log_scale(h).exp()

@@ -23,6 +23,7 @@ from pyro.infer.autoguide import AutoNormal, init_to_value
 
 from .components import register_guide
 from .encoder import ResNetEncoder
+from .precision import full_precision
 
 
 class DiagonalNormalGuide(ResNetEncoder):
@@ -69,7 +70,7 @@ class FullPrecisionLowRankNormal(dist.LowRankMultivariateNormal):
 
     def log_prob(self, value):
         with torch.autocast(self.loc.device.type, enabled=False):
-            return super().log_prob(value.float() if value.dtype in (torch.float16, torch.bfloat16) else value)
+            return super().log_prob(full_precision(value))
 
 
 class IAFGuide(DiagonalNormalGuide):

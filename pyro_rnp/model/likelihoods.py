@@ -4,6 +4,8 @@ from __future__ import annotations
 import pyro.distributions as dist
 import torch
 
+from .precision import full_precision
+
 
 class NormalLikelihood:
     """x ~ Normal(canvas, sigma) per pixel. sigma = 0.5 is what the authors' loss amounts to."""
@@ -50,10 +52,10 @@ class BernoulliLikelihood:
         return self.probs(canvas)
 
     def part_error(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Binary cross-entropy of the part guess against the target, per image, in float32: written
+        """Binary cross-entropy of the part guess against the target, per image, in at least float32: written
         out rather than ``F.binary_cross_entropy``, which CUDA autocast refuses (p is clamped away
         from 0 and 1, so the logs are finite)."""
-        p, t = self.probs(prediction.float()), target.float().clamp(0, 1)
+        p, t = self.probs(full_precision(prediction)), full_precision(target).clamp(0, 1)
         return -(t * torch.log(p) + (1 - t) * torch.log1p(-p)).flatten(1).sum(1)
 
 

@@ -15,10 +15,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-
-def full_precision(x: torch.Tensor) -> torch.Tensor:
-    """x in float32 if it is in a half-precision type (from autocast), else x itself."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+from .precision import full_precision
 
 
 def action_to_theta(action: torch.Tensor, scale_offset: float) -> torch.Tensor:

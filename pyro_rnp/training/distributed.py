@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ..model.precision import full_precision
+
 
 @dataclass(frozen=True)
 class Context:
@@ -118,7 +120,7 @@ class SyncedBatchNorm(nn.modules.batchnorm._BatchNorm):
         dims = [0, *range(2, x.dim())]
         # statistics in at least float32 (under bfloat16 autocast, counts are inexact and E[x^2] - mean^2
         # can fall below zero); the count is filled on the device, not copied from the host
-        x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        x32 = full_precision(x)
         count = x32.new_full((1,), float(x.numel() // x.shape[1]))
         stats = torch.cat([x32.sum(dims), (x32 * x32).sum(dims), count])
         stats = _AllReduceSum.apply(stats)

@@ -50,6 +50,23 @@ class EpochSummary:
     images_per_s: float     # the epoch's training images per second of its wall time
 
 
+@dataclass(frozen=True)
+class Batching:
+    per_process: int        # images per process and step
+    global_batch: int       # images per step over all processes
+    batches: int            # steps per epoch
+
+
+def batching(images: int, batch_size: int, context: Context = Context(), smallest: int = 2) -> Batching:
+    """How ``images`` training images are cut into steps of ``batch_size`` per process; fewer than
+    ``smallest`` images per process (batch norm needs 2) is refused."""
+    per_process = min(batch_size, images // context.world)
+    if per_process < smallest:
+        raise TrainingError(f"need at least {smallest} training images per process, got {images} "
+                            f"for {context.world} processes")
+    return Batching(per_process, per_process * context.world, images // (per_process * context.world))
+
+
 def state_finite(module: torch.nn.Module) -> bool:
     """Whether every parameter and floating-point buffer (batch-norm statistics) is finite."""
     tensors = [*module.parameters(), *(b for b in module.buffers() if b.is_floating_point())]
@@ -71,12 +88,9 @@ class TrainingLoop:
         self.step, self.images, self.seed, self.shuffle = step, images, seed, shuffle
         self.context = context
         self.device = device or next(step.rnp.parameters()).device
-        self.per_process = min(batch_size, images.shape[0] // context.world)
-        if self.per_process < 1 or (self.per_process < 2 and images.shape[0] > 1):
-            raise TrainingError(f"need at least 2 training images per process, got {images.shape[0]} "
-                                f"for {context.world} processes")
-        self.global_batch = self.per_process * context.world
-        self.batches = images.shape[0] // self.global_batch
+        # a full-batch fit of a single image (the autonormal guide has no batch norm) is allowed
+        plan = batching(images.shape[0], batch_size, context, smallest=min(2, images.shape[0]))
+        self.per_process, self.global_batch, self.batches = plan.per_process, plan.global_batch, plan.batches
         self.progress = progress and context.is_main
         self.label, self.hint, self.on_rate = label, hint, on_rate
         self.say = tqdm.write if context.is_main else (lambda message: None)

@@ -20,7 +20,7 @@ from ..data import load_images
 from ..model.config import RNPConfig
 from ..model.registry import build_model
 from .distributed import Context, sync_batch_norms
-from .loop import EpochSummary, Position, TrainingError, TrainingLoop, diverged
+from .loop import EpochSummary, Position, TrainingLoop, batching, diverged
 from .runs import (CHECKPOINT, append_metrics, load_checkpoint, load_state, save_checkpoint, set_rng_state,
                    write_config)
 from .step import TrainStep, make_optimizer
@@ -84,12 +84,9 @@ def train_run(config: RNPConfig, run_dir: pathlib.Path, device: torch.device, sc
     if config.compile:
         compile_model(model)
     optimizer = make_optimizer(model, config.lr, config.head_lr_scale)
-    per_process = min(config.batch_size, train_images.shape[0] // context.world)
-    if per_process < 2:
-        raise TrainingError(f"need at least 2 training images per process, got {train_images.shape[0]} "
-                            f"for {context.world} processes")
-    global_batch = per_process * context.world
-    total_steps = config.epochs * (train_images.shape[0] // global_batch)
+    plan = batching(train_images.shape[0], config.batch_size, context)
+    per_process, global_batch = plan.per_process, plan.global_batch
+    total_steps = config.epochs * plan.batches
     step = TrainStep(model, optimizer, config.grad_clip, config.lr_warmup_steps, config.lr_schedule,
                      total_steps=total_steps, context=context, amp=config.amp, fast=fast)
     if main:
@@ -122,12 +119,14 @@ def train_run(config: RNPConfig, run_dir: pathlib.Path, device: torch.device, sc
     def wall() -> float:
         return wall_before + time.perf_counter() - started
 
+    saved: list[Position] = []  # where the checkpoint on disk was taken
+
     def checkpoint(at: Position) -> pathlib.Path:
-        if not main:
-            return run_dir / CHECKPOINT
-        return save_checkpoint(run_dir, model, optimizer, epoch=at.epoch, step=at.step, batch_in_epoch=at.batch,
-                               wall_time_s=wall(), images_in_epoch=at.batch * global_batch,
-                               processes=context.world)
+        if main and (not saved or saved[-1] != at):
+            save_checkpoint(run_dir, model, optimizer, epoch=at.epoch, step=at.step, batch_in_epoch=at.batch,
+                            wall_time_s=wall(), images_in_epoch=at.batch * global_batch, processes=context.world)
+            saved[:] = [at]
+        return run_dir / CHECKPOINT
 
     def end_of_epoch(summary: EpochSummary) -> None:
         try:
@@ -161,6 +160,7 @@ def train_run(config: RNPConfig, run_dir: pathlib.Path, device: torch.device, sc
                         progress=progress, hint=hint,
                         on_rate=None if resume or not main else _how_long_teller(config, device))
     end, stopped = loop.run(config.epochs, start, stop, end_of_epoch)
+    # stopped at an epoch's end, the checkpoint of that epoch is already the one to resume from
     path = checkpoint(end) if stopped else run_dir / CHECKPOINT
     return TrainedRun(model.eval(), end, stopped, path)
 
