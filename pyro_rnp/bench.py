@@ -12,17 +12,32 @@ Reported: the median images/s of each, and the median of the rounds' ratios.
 
 Each worker applies the process-wide training settings first, as fit does
 (pyro_rnp/fast/process.py). Profile the step (what to look at before optimising):
-    python -m pyro_rnp.bench --profile
-The head's products run in oneDNN on CPU (see pyro_rnp/fast/onednn.py); to time the
-step with torch.mm instead, or the plain program path (pyro_rnp/model/hypernet.py):
+    python -m pyro_rnp.bench --profile [--variants bf16]
+In float32 the head's products run in oneDNN on CPU through a private op (see
+pyro_rnp/fast/onednn.py; the result's ``head_products`` says which path ran); to time
+the step with torch.mm instead, or the plain program path (pyro_rnp/model/hypernet.py):
     PYRO_RNP_ONEDNN=0 python -m pyro_rnp.bench
     PYRO_RNP_FAST=0 python -m pyro_rnp.bench
-On a CPU that computes bfloat16 natively (avx512_bf16 or AMX), the bf16 variant times
-the step under CPU autocast, which fit does not offer yet: the fast path's CPU
-products step aside under autocast, and on this project's 2-core AMD EPYC (torch
-2.14.1) it measured slower than float32 (197 against 264 images/s, the port 126, in
-one run of ``--variants fp32,bf16 --rounds 4``).
+On a CPU that computes bfloat16 natively (avx512_bf16 or AMX), the bf16 variant is
+``fit --amp bf16``: CPU autocast, the head's products and the generated layers'
+weight gradients in bfloat16 through torch.mm and torch.bmm, the generated layers
+themselves in float32 (pyro_rnp/fast/programs.py):
     python -m pyro_rnp.bench --variants fp32,bf16
+
+What was measured on this project's 2-core AMD EPYC (avx512_bf16), torch 2.14.1, batch 64:
+- fp32 and bf16 against the port, in one run of ``--variants fp32,bf16 --rounds 4``
+  (the README has the current table): the bf16 step takes about 0.85 of the fp32 step.
+- Where the bf16 step's time goes (``--profile --variants bf16``): the head's products
+  (h @ head, its two gradients) run near this CPU's bfloat16 peak; the generated
+  layers' batched matrix-vector products read each program's weights from memory
+  and are bound by its bandwidth. In bfloat16 torch.bmm with one row per matrix
+  measured 0.9-2x the time of float32 on weights laid out as the step has them
+  (5 batches of 64 programs: 1.65 against 1.90 ms for 64->784 layers, 3.0 against
+  1.55 ms for 784->64, 7.5 against 1.8 ms for their input gradients), which is why
+  those layers stay in float32.
+- torch's CPU ELU (F.elu) measured about 20x the time of torch.exp on (64, 64)
+  tensors (84 against 3.7 us, one thread); an exp-based ELU in the generated
+  layers did not change the step's time measurably, so F.elu stays.
 """
 from __future__ import annotations
 
@@ -36,8 +51,9 @@ import tempfile
 import click
 import torch
 
-from .cli import run
-from .fast.onednn import cpu_computes_bf16
+from .cli import fast_path_enabled, run
+from .fast.onednn import cpu_computes_bf16, onednn_available
+from .training.step import AMP_DTYPES
 
 DEFAULT_REFERENCE = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "bench" / "reference_rnp.py"
 WARMUP_STEPS = 5  # for the buffers that the CPU path recycles to settle (and torch.compile to compile)
@@ -80,7 +96,6 @@ for line in sys.stdin:  # a number of steps to time; the answer is one JSON line
 def our_step(batch_size: int, device: torch.device, variant: str = "fp32", seed: int = 0):
     """One training step of the paper-size RNP on random images, as a function of no arguments; the
     process is prepared for training as fit prepares it."""
-    from .cli import fast_path_enabled
     from .fast import prepare_process_for_training
     from .model import RNP, RNPConfig
     from .training import TrainStep, make_optimizer
@@ -95,6 +110,18 @@ def our_step(batch_size: int, device: torch.device, variant: str = "fp32", seed:
     prepare_process_for_training(cpu=device.type == "cpu")
     x = torch.rand(batch_size, 1, 28, 28, device=device)
     return lambda: train_step(x)
+
+
+def head_products(device: torch.device, amp: str | None) -> str:
+    """How a variant's hypernetwork head products run here (what the bench reports)."""
+    if device.type == "cuda":
+        return f"torch.mm ({amp or 'float32'}, CUDA)"
+    if amp:
+        return f"torch.mm in {AMP_DTYPES[amp]} (public op)"
+    if not fast_path_enabled():
+        return "torch.mm in float32 (plain program path)"
+    return ("oneDNN float32 matmul (private op torch.ops.mkldnn._linear_pointwise)" if onednn_available()
+            else "torch.mm in float32 (public op)")
 
 
 def _sync(device):
@@ -140,10 +167,10 @@ class Worker:
         self.errors.close()
 
 
-def profile(batch_size: int, device: torch.device) -> str:
+def profile(batch_size: int, device: torch.device, variant: str = "fp32") -> str:
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
-    step = our_step(batch_size, device)
+    step = our_step(batch_size, device, variant)
     for _ in range(WARMUP_STEPS):
         step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -167,7 +194,8 @@ def profile(batch_size: int, device: torch.device) -> str:
               help=f"Comma-separated versions of our step to time, each in every round: {', '.join(VARIANTS)} "
                    "(bf16 needs CUDA or a CPU that computes bfloat16 natively).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line.")
-@click.option("--profile", "do_profile", is_flag=True, help="Print a torch.profiler table of 3 steps instead.")
+@click.option("--profile", "do_profile", is_flag=True,
+              help="Print a torch.profiler table of 3 steps of the first variant instead.")
 def main(batch_size, steps, rounds, device, reference, variants, as_json, do_profile):
     """Images/s of full training steps of the paper-size RNP, against the straightforward port."""
     if device == "cuda" and not torch.cuda.is_available():
@@ -182,7 +210,7 @@ def main(batch_size, steps, rounds, device, reference, variants, as_json, do_pro
                                  param_hint="--variants")
     dev = torch.device(device)
     if do_profile:
-        click.echo(profile(batch_size, dev))
+        click.echo(profile(batch_size, dev, names[0]))
         return
     use_reference = str(reference) != "none"
     if use_reference and not reference.is_file():
@@ -211,6 +239,7 @@ def main(batch_size, steps, rounds, device, reference, variants, as_json, do_pro
               "warmup_steps": WARMUP_STEPS, "device": device, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "runs": first,
               "variants": {v: statistics.median(w.rates) for v, w in ours.items()},
+              "head_products": {v: head_products(dev, VARIANTS[v][0]) for v in names},
               "variant_runs": {v: w.rates for v, w in ours.items()}}
     if use_reference:
         theirs = port.rates
@@ -226,7 +255,8 @@ def main(batch_size, steps, rounds, device, reference, variants, as_json, do_pro
     else:
         for v, rate in result["variants"].items():
             click.echo(f"pyro_rnp {v}: {rate:.1f} images/s (median of {rounds} rounds of {steps} steps, batch "
-                       f"{batch_size}, {device}, {result['threads']} threads)")
+                       f"{batch_size}, {device}, {result['threads']} threads, torch {torch.__version__}; head's "
+                       f"products: {result['head_products'][v]})")
         if use_reference:
             click.echo(f"reference port: {result['reference_images_per_s']:.1f} images/s; median ratio over rounds: "
                        + ", ".join(f"{v} {ratio:.2f}x" for v, ratio in result["variant_ratios"].items()))

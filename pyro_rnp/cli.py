@@ -17,8 +17,8 @@ from .model.registry import model_entry, require
 from .training.loop import TrainingError
 from .training.runs import RunError
 
-__all__ = ["ClassList", "StopRequest", "TrainingError", "analysis_options", "data_options", "fast_path_enabled",
-           "held_out", "open_run", "resolve_device", "run", "write_result"]
+__all__ = ["ClassList", "StopRequest", "TrainingError", "analysis_options", "check_amp", "data_options",
+           "fast_path_enabled", "held_out", "open_run", "resolve_device", "run", "write_result"]
 
 
 def run(command: click.Command, args=None) -> None:
@@ -71,6 +71,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def check_amp(amp: str | None, device: torch.device) -> None:
+    """Refuse ``--amp bf16`` in one line where it cannot run well: on a CPU without native bfloat16
+    arithmetic (no avx512_bf16 or AMX), where every bfloat16 product would be emulated."""
+    from .fast.onednn import cpu_computes_bf16
+    if amp and device.type == "cpu" and not cpu_computes_bf16():
+        raise click.BadParameter("this CPU does not compute bfloat16 natively (no avx512_bf16 or AMX): drop --amp "
+                                 "to run in float32", param_hint="--amp")
+
+
 def data_options(command):
     """--data-dir and --no-download, as every command that reads a dataset takes them."""
     options = [
@@ -87,7 +96,7 @@ def data_options(command):
 
 def analysis_options(limit_default: int | None = None, limit_help: str = "Use the first N held-out images.",
                      seed_help: str = "Random seed.", seed_default: int = 0, limit_aliases: tuple[str, ...] = ()):
-    """RUN_DIR, --limit, --device, --data-dir, --no-download and --seed: what every command on a trained
+    """RUN_DIR, --limit, --device, --amp, --data-dir, --no-download and --seed: what every command on a trained
     run takes (evaluate, ppc, figures, transfer), defined once. ``limit_aliases``: older names of --limit."""
     def decorate(command):
         options = [
@@ -95,6 +104,8 @@ def analysis_options(limit_default: int | None = None, limit_help: str = "Use th
             click.option("--limit", *limit_aliases, "limit", type=click.IntRange(min=1), default=limit_default,
                          show_default=limit_default is not None, help=limit_help),
             click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+            click.option("--amp", type=click.Choice(["bf16"]), help="Run the model in bfloat16 under autocast (on "
+                         "CUDA, or a CPU that computes it natively); float32 by default, whatever the run trained in."),
             click.option("--seed", type=int, default=seed_default, show_default=True, help=seed_help),
         ]
         for option in reversed(options):
@@ -103,11 +114,13 @@ def analysis_options(limit_default: int | None = None, limit_help: str = "Use th
     return decorate
 
 
-def open_run(run_dir, device: str, needs: str | None = None, what: str = "this command"):
+def open_run(run_dir, device: str, needs: str | None = None, what: str = "this command", amp: str | None = None):
     """(config, trained model in eval mode, torch device) of a run folder, with clear errors; a model
-    without the capability ``needs`` ("guide", "parts", "programs") is refused in one line."""
+    without the capability ``needs`` ("guide", "parts", "programs") is refused in one line, and so is
+    an ``amp`` this device cannot run (the command runs its work under ``mixed_precision(amp, device)``)."""
     from .training.runs import load_run, read_config
     torch_device = resolve_device(device)
+    check_amp(amp, torch_device)
     config = read_config(run_dir)
     try:
         model_entry(config.model)

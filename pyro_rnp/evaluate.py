@@ -12,22 +12,24 @@ import pyro
 
 from .analysis.evaluate import evaluate
 from .cli import analysis_options, held_out, open_run, run, write_result
+from .training.step import mixed_precision
 
 @click.command(name="pyro_rnp.evaluate", context_settings={"help_option_names": ["-h", "--help"]})
 @analysis_options(limit_help="Use the first N held-out images [all].", seed_help="Seed for the guide's samples.")
 @click.option("--iw-samples", type=click.IntRange(min=1), default=1, show_default=True,
               help="Importance samples K per image for the IWAE bound (K=1: the ELBO).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON line instead of a table.")
-def main(run_dir, iw_samples, limit, device, data_dir, no_download, seed, as_json):
+def main(run_dir, iw_samples, limit, device, amp, data_dir, no_download, seed, as_json):
     """Held-out -ELBO, IWAE bound and MSE of the run in RUN_DIR, overall and per class; also written
     to RUN_DIR/eval.json."""
     from . import data as datasets
 
-    config, rnp, torch_device = open_run(run_dir, device, needs="guide", what="evaluate")
+    config, rnp, torch_device = open_run(run_dir, device, needs="guide", what="evaluate", amp=amp)
     images, labels = held_out(config, data_dir, not no_download, limit)
     pyro.set_rng_seed(seed)
-    result = evaluate(rnp, images, labels, iw_samples, device=torch_device, progress=not as_json)
-    result.update(run_dir=str(run_dir), dataset=config.dataset, split="test", seed=seed)
+    with mixed_precision(amp, torch_device):
+        result = evaluate(rnp, images, labels, iw_samples, device=torch_device, progress=not as_json)
+    result.update(run_dir=str(run_dir), dataset=config.dataset, split="test", seed=seed, amp=amp)
     write_result(run_dir, "eval.json", result)
     if as_json:
         click.echo(json.dumps(result))

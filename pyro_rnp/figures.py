@@ -19,6 +19,7 @@ from .analysis import program_space
 from .analysis.plots import plot_parse, plot_samples
 from .cli import analysis_options, held_out, open_run, run, write_result
 from .model.registry import has
+from .training.step import mixed_precision
 
 FIGURES = ("parse", "samples", "tsne", "clusters", "interpolate", "library")
 NEEDS = {"parse": "programs", "tsne": "programs", "clusters": "programs", "interpolate": "programs",
@@ -35,7 +36,7 @@ NEEDS = {"parse": "programs", "tsne": "programs", "clusters": "programs", "inter
               help="Images per figure.")
 @click.option("--clusters", type=click.IntRange(min=2), default=8, show_default=True,
               help="k-means clusters per level for clusters, interpolate and program_space.")
-def main(run_dir, which, n_images, device, data_dir, no_download, limit, clusters, seed):
+def main(run_dir, which, n_images, device, amp, data_dir, no_download, limit, clusters, seed):
     """Draw the paper's figures for the run in RUN_DIR into RUN_DIR/figures/<name>.png."""
     tsne_images = limit
     names = [w.strip() for w in (which or ",".join(FIGURES)).split(",") if w.strip()]
@@ -43,7 +44,7 @@ def main(run_dir, which, n_images, device, data_dir, no_download, limit, cluster
     if unknown or not names:
         raise click.BadParameter(f"unknown figure {', '.join(unknown) or repr(which)}; choose from "
                                  f"{', '.join(FIGURES)}", param_hint="--which")
-    config, rnp, torch_device = open_run(run_dir, device)
+    config, rnp, torch_device = open_run(run_dir, device, amp=amp)
     lacking = [name for name in names if name in NEEDS and not has(rnp, NEEDS[name])]
     if lacking and which is None:  # by default, every figure the model has
         names = [name for name in names if name not in lacking]
@@ -52,39 +53,40 @@ def main(run_dir, which, n_images, device, data_dir, no_download, limit, cluster
                                  f"{', '.join(lacking)} figure; it has: "
                                  f"{', '.join(n for n in FIGURES if n not in NEEDS or has(rnp, NEEDS[n]))}",
                                  param_hint="--which")
-    folder = pathlib.Path(run_dir) / "figures"
-    folder.mkdir(exist_ok=True)
-    written = []
-    if "parse" in names:
-        x = held_out(config, data_dir, not no_download, n_images)[0].to(torch_device)
-        written.append(plot_parse(rnp, x, folder / "parse.png"))
-    if "samples" in names:
-        torch.manual_seed(seed)
-        written.append(plot_samples(rnp, n_images, folder / "samples.png"))
-    summaries = {}
-    if "tsne" in names:
-        x = held_out(config, data_dir, not no_download, tsne_images)[0].to(torch_device)
-        path, summaries["tsne"] = program_space.plot_tsne(rnp, x, folder / "tsne.png", seed)
-        written.append(path)
-        click.echo(f"linear probe, top-level vs child programs: {100 * summaries['tsne']['probe_accuracy']:.1f}% "
-                   f"held-out accuracy ({summaries['tsne']['n_vectors']} vectors)")
-    space = [name for name in ("clusters", "interpolate", "library") if name in names]
-    if space:
-        x = held_out(config, data_dir, not no_download, tsne_images)[0].to(torch_device)
-        programs = program_space.gather_programs(rnp, x)
-        clusterings = [program_space.cluster(group, clusters, seed) for group in programs]
-        depth = config.depth
-        if "clusters" in names:
-            written.append(program_space.plot_clusters(programs, clusterings, depth, folder / "clusters.png", seed=seed))
-        if "interpolate" in names:
-            written.append(program_space.plot_interpolation(rnp, clusterings, folder / "interpolate.png"))
-        if "library" in names:
-            written.append(program_space.plot_library(programs, clusterings, depth, folder / "library.png"))
-            summaries["library"] = {"n_images": int(x.shape[0]), "clusters_per_level": clusters,
-                                    "levels": program_space.library_summary(clusterings, depth)}
-            for level, s in summaries["library"]["levels"].items():
-                click.echo(f"{level}: {s['clusters']} clusters, effective number of primitives "
-                           f"{s['effective_primitives']:.1f}")
+    with mixed_precision(amp, torch_device):
+        folder = pathlib.Path(run_dir) / "figures"
+        folder.mkdir(exist_ok=True)
+        written = []
+        if "parse" in names:
+            x = held_out(config, data_dir, not no_download, n_images)[0].to(torch_device)
+            written.append(plot_parse(rnp, x, folder / "parse.png"))
+        if "samples" in names:
+            torch.manual_seed(seed)
+            written.append(plot_samples(rnp, n_images, folder / "samples.png"))
+        summaries = {}
+        if "tsne" in names:
+            x = held_out(config, data_dir, not no_download, tsne_images)[0].to(torch_device)
+            path, summaries["tsne"] = program_space.plot_tsne(rnp, x, folder / "tsne.png", seed)
+            written.append(path)
+            click.echo(f"linear probe, top-level vs child programs: {100 * summaries['tsne']['probe_accuracy']:.1f}% "
+                       f"held-out accuracy ({summaries['tsne']['n_vectors']} vectors)")
+        space = [name for name in ("clusters", "interpolate", "library") if name in names]
+        if space:
+            x = held_out(config, data_dir, not no_download, tsne_images)[0].to(torch_device)
+            programs = program_space.gather_programs(rnp, x)
+            clusterings = [program_space.cluster(group, clusters, seed) for group in programs]
+            depth = config.depth
+            if "clusters" in names:
+                written.append(program_space.plot_clusters(programs, clusterings, depth, folder / "clusters.png", seed=seed))
+            if "interpolate" in names:
+                written.append(program_space.plot_interpolation(rnp, clusterings, folder / "interpolate.png"))
+            if "library" in names:
+                written.append(program_space.plot_library(programs, clusterings, depth, folder / "library.png"))
+                summaries["library"] = {"n_images": int(x.shape[0]), "clusters_per_level": clusters,
+                                        "levels": program_space.library_summary(clusterings, depth)}
+                for level, s in summaries["library"]["levels"].items():
+                    click.echo(f"{level}: {s['clusters']} clusters, effective number of primitives "
+                               f"{s['effective_primitives']:.1f}")
     if summaries:
         record_path = pathlib.Path(run_dir) / "figures.json"
         record = json.loads(record_path.read_text()) if record_path.exists() else {}

@@ -21,7 +21,8 @@ from .analysis.evaluate import evaluate
 from .analysis.per_image import (DEFAULT_IMAGES, DEFAULT_LR, DEFAULT_PASSES, EVAL_SAMPLES, MAX_IMAGES,
                                  autonormal_from, fit_autonormal, plot_autonormal)
 from .analysis.plots import plot_curves, plot_reconstructions, plot_samples
-from .cli import ClassList, StopRequest, data_options, fast_path_enabled, held_out, resolve_device, run, write_result
+from .cli import (ClassList, StopRequest, check_amp, data_options, fast_path_enabled, held_out, resolve_device, run,
+                  write_result)
 from .data import DATASETS
 from .fast import prepare_process_for_training
 from .model import components
@@ -133,8 +134,9 @@ def write_figures(model, run_dir: pathlib.Path, x: torch.Tensor) -> None:
               help="Continue the run in RUN_DIR from its checkpoint, with its config.")
 @click.option("--eval-limit", type=click.IntRange(min=1),
               help="Held-out images evaluated after each epoch [paper: all; quick: 2000].")
-@click.option("--amp", type=click.Choice(["bf16"]), help="Mixed precision on CUDA: the forward pass in bfloat16 "
-              "under autocast (weights, gradients and Adam stay float32). Recorded in config.json.")
+@click.option("--amp", type=click.Choice(["bf16"]), help="Mixed precision: the forward pass in bfloat16 under "
+              "autocast (weights, gradients and Adam stay float32), on CUDA or on a CPU that computes bfloat16 "
+              "natively. Recorded in config.json; see guides/training.md.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the encoder (and an mlp decoder). "
               "Recorded in config.json; see the README's performance section for what it gains.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -148,9 +150,7 @@ def main(ctx, dataset, preset, epochs, batch_size, lr, head_lr_scale, z_dim, dep
     Under torchrun (torchrun --nproc_per_node N -m pyro_rnp.fit ...) it trains with N processes:
     --batch-size is per process; see guides/scaling.md."""
     torch_device = resolve_device(device)
-    if amp and torch_device.type != "cuda":
-        raise click.BadParameter("bf16 autocast is for CUDA devices; on a CPU train in float32 (drop --amp)",
-                                 param_hint="--amp")
+    check_amp(amp, torch_device)
     given = {name: ctx.params[name] for name in CONFIG_FLAGS
              if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
     if "plugins" in given:

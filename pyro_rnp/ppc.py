@@ -12,20 +12,22 @@ import pyro
 
 from .analysis.ppc import plot_ppc, posterior_predictive_check
 from .cli import analysis_options, held_out, open_run, run, write_result
+from .training.step import mixed_precision
 
 @click.command(name="pyro_rnp.ppc", context_settings={"help_option_names": ["-h", "--help"]})
 @analysis_options(limit_default=500)
 @click.option("--samples", type=click.IntRange(min=2), default=20, show_default=True,
               help="Replicated images per held-out image.")
 @click.option("--json", "as_json", is_flag=True, help="Print ppc.json as one line instead of a table.")
-def main(run_dir, samples, limit, device, data_dir, no_download, seed, as_json):
+def main(run_dir, samples, limit, device, amp, data_dir, no_download, seed, as_json):
     """Posterior and prior predictive checks of the run in RUN_DIR: writes RUN_DIR/ppc.json and
     RUN_DIR/figures/ppc_*.png."""
-    config, rnp, torch_device = open_run(run_dir, device, needs="guide", what="ppc")
+    config, rnp, torch_device = open_run(run_dir, device, needs="guide", what="ppc", amp=amp)
     images = held_out(config, data_dir, not no_download, limit)[0]
     pyro.set_rng_seed(seed)
-    result, arrays, keep = posterior_predictive_check(rnp, images, samples, progress=not as_json)
-    result.update(run_dir=str(run_dir), dataset=config.dataset, seed=seed)
+    with mixed_precision(amp, torch_device):
+        result, arrays, keep = posterior_predictive_check(rnp, images, samples, progress=not as_json)
+    result.update(run_dir=str(run_dir), dataset=config.dataset, seed=seed, amp=amp)
     write_result(run_dir, "ppc.json", result)
     paths = plot_ppc(arrays, keep, pathlib.Path(run_dir) / "figures", samples)
     if as_json:

@@ -13,6 +13,7 @@ from .analysis.evaluate import evaluate
 from .analysis.transfer import adapt_encoder, plot_transfer, snapshot
 from .cli import ClassList, analysis_options, fast_path_enabled, open_run, run, write_result
 from .fast import prepare_process_for_training
+from .training.step import mixed_precision
 
 @click.command(name="pyro_rnp.transfer", context_settings={"help_option_names": ["-h", "--help"]})
 @analysis_options(limit_default=1000, limit_aliases=("--eval-limit",),
@@ -24,13 +25,13 @@ from .fast import prepare_process_for_training
 @click.option("--train-limit", type=click.IntRange(min=1),
               help="Use the first N training images of the unseen classes [all].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def main(run_dir, classes, epochs, lr, train_limit, limit, device, data_dir, no_download, seed, quiet):
+def main(run_dir, classes, epochs, lr, train_limit, limit, device, amp, data_dir, no_download, seed, quiet):
     """Adapt only the encoder of the run in RUN_DIR to classes it never saw; write RUN_DIR/transfer.json
     and RUN_DIR/figures/transfer.png."""
     from . import data as datasets
 
     unseen = ClassList().convert(classes, None, None)
-    config, rnp, torch_device = open_run(run_dir, device, needs="guide", what="transfer")
+    config, rnp, torch_device = open_run(run_dir, device, needs="guide", what="transfer", amp=amp)
     missing = sorted(set(unseen) - set(config.exclude_classes))
     if missing:
         raise click.BadParameter(
@@ -51,21 +52,25 @@ def main(run_dir, classes, epochs, lr, train_limit, limit, device, data_dir, no_
     if train_unseen.shape[0] < 2:
         raise click.BadParameter(f"no training images of class {classes}", param_hint="--classes")
     torch.manual_seed(seed)
-    before_unseen = evaluate(rnp, test_unseen)
-    seen = evaluate(rnp, test_seen)
-    shown = test_unseen[:8].to(torch_device)
-    before = snapshot(rnp, shown)
+    with mixed_precision(amp, torch_device):
+        before_unseen = evaluate(rnp, test_unseen)
+        seen = evaluate(rnp, test_seen)
+        shown = test_unseen[:8].to(torch_device)
+        before = snapshot(rnp, shown)
     prepare_process_for_training(cpu=torch_device.type == "cpu")
     losses = adapt_encoder(rnp, train_unseen, epochs, lr or config.lr, config.batch_size, config.grad_clip, seed,
-                           progress=not quiet, fast=fast_path_enabled())
-    after_unseen = evaluate(rnp, test_unseen)
+                           progress=not quiet, fast=fast_path_enabled(), amp=amp)
+    with mixed_precision(amp, torch_device):
+        after_unseen = evaluate(rnp, test_unseen)
     result = {"classes": list(unseen), "epochs": epochs, "lr": lr or config.lr, "train_images": train_unseen.shape[0],
+              "amp": amp,
               "likelihood": seen["likelihood"], "seen_mse": seen["mse"], "seen_neg_elbo": seen["neg_elbo"],
               "unseen_mse_before": before_unseen["mse"], "unseen_neg_elbo_before": before_unseen["neg_elbo"],
               "unseen_mse_after": after_unseen["mse"], "unseen_neg_elbo_after": after_unseen["neg_elbo"],
               "n_seen": seen["n_images"], "n_unseen": after_unseen["n_images"], "adaptation_loss": losses}
     write_result(run_dir, "transfer.json", result)
-    figure = plot_transfer(rnp, shown, before, pathlib.Path(run_dir) / "figures" / "transfer.png")
+    with mixed_precision(amp, torch_device):
+        figure = plot_transfer(rnp, shown, before, pathlib.Path(run_dir) / "figures" / "transfer.png")
     click.echo(f"{config.dataset}, unseen classes {list(unseen)}, likelihood {result['likelihood']} "
                f"(MSE; -ELBO in nats per image)")
     click.echo(f"  seen classes:          MSE {seen['mse']:.4f}  -ELBO {seen['neg_elbo']:.1f}")

@@ -15,6 +15,8 @@ def test_bench_times_ours_and_the_reference_port_round_by_round():
     assert len(result["runs"]) == len(result["reference_runs"]) == 2
     rounds = [a / b for a, b in zip(result["runs"], result["reference_runs"])]
     assert result["ratio"] == sum(rounds) / 2  # the median of two rounds' ratios
+    assert result["torch"] == __import__("torch").__version__ and "fp32" in result["head_products"]
+    assert "oneDNN" in result["head_products"]["fp32"] or "torch.mm" in result["head_products"]["fp32"]
 
 
 def test_bench_says_when_a_worker_fails(tmp_path):

@@ -70,8 +70,8 @@ def test_the_head_learns_at_its_own_rate():
 
 
 def test_bf16_autocast_step_keeps_float32_state_and_the_loss(fashion_images):
-    """--amp bf16 is for CUDA; CPU autocast runs the same code path (our autograd Functions under
-    autocast), so its dtype handling is checked here."""
+    """The loss of a bf16 step is the float32 loss to within bfloat16 rounding (tests/test_cpu_bf16.py
+    checks the gradients)."""
     x = fashion_images[:8]
     torch.manual_seed(0)
     rnp = RNP(tiny_config()).train()

@@ -77,9 +77,9 @@ def fit_autonormal(rnp, passes: int, lr: float, grad_clip: float = 0.2, progress
 
 def plot_autonormal(source, fitted, x: torch.Tensor, path) -> pathlib.Path:
     """The same images, reconstructed (and parsed) with the amortized guide and with the fitted one."""
-    rows = [("data", x[:, 0].cpu().numpy())]
+    rows = [("data", x[:, 0].float().cpu().numpy())]
     for label, model in (("amortized", source), ("autonormal", fitted)):
-        rows.append((label, model.reconstruct(x)[:, 0].cpu().numpy()))
+        rows.append((label, model.reconstruct(x)[:, 0].float().cpu().numpy()))
         if has(model, "parts"):
             rows.append((f"parts, {label}", colour_parts(model.parts(x).placed)))
     return image_grid(rows, path, "the same images: amortized guide vs one Normal per image (decoder frozen)")

@@ -29,7 +29,7 @@ def colour_parts(placed: torch.Tensor) -> np.ndarray:
     placed = placed.detach().float().cpu().clamp(min=0)[:, :, 0]           # (B, T, H, W)
     colours = torch.tensor(part_colours(placed.shape[1]), dtype=placed.dtype)  # (T, 3)
     rgb = torch.einsum("bthw,tc->bhwc", placed, colours)
-    return rgb.clamp(0, 1).numpy()
+    return rgb.clamp(0, 1).float().numpy()
 
 
 def save_figure(fig, path) -> pathlib.Path:
@@ -61,10 +61,10 @@ def plot_reconstructions(model, x: torch.Tensor, path, title: str = "held-out re
     """Data, reconstruction, and the parts in colour, for a few images x (B, 1, H, W).
     A model without parts (the vae baseline) gets the first two rows."""
     if not has(model, "parts"):
-        rows = [("data", x[:, 0].cpu().numpy()), ("reconstruction", model.reconstruct(x)[:, 0].cpu().numpy())]
+        rows = [("data", x[:, 0].float().cpu().numpy()), ("reconstruction", model.reconstruct(x)[:, 0].float().cpu().numpy())]
         return image_grid(rows, path, title)
     parts = model.parts(x)
-    rows = [("data", x[:, 0].cpu().numpy()), ("reconstruction", parts.canvas[:, 0].cpu().numpy()),
+    rows = [("data", x[:, 0].float().cpu().numpy()), ("reconstruction", parts.canvas[:, 0].float().cpu().numpy()),
             ("parts", colour_parts(parts.placed))]
     return image_grid(rows, path, title)
 
@@ -72,9 +72,9 @@ def plot_reconstructions(model, x: torch.Tensor, path, title: str = "held-out re
 def plot_samples(model, n: int, path, title: str = "samples from the prior") -> pathlib.Path:
     """n samples (the likelihood's mean image), with their top-level parts for models of programs."""
     if not has(model, "programs"):
-        return image_grid([("sample", model.sample(n)[:, 0].cpu().numpy())], path, title)
+        return image_grid([("sample", model.sample(n)[:, 0].float().cpu().numpy())], path, title)
     parts = model.parts_of(model.sample_programs(n))
-    rows = [("sample", parts.canvas[:, 0].cpu().numpy()), ("parts", colour_parts(parts.placed))]
+    rows = [("sample", parts.canvas[:, 0].float().cpu().numpy()), ("parts", colour_parts(parts.placed))]
     return image_grid(rows, path, title)
 
 
@@ -113,7 +113,7 @@ def plot_parse(rnp, x: torch.Tensor, path, title: str = "parses of held-out imag
         ax.set_frame_on(False)
     for i in range(x.shape[0]):
         r = i * len(levels)
-        for c, (image, label) in enumerate([(x[i, 0].cpu().numpy(), "data"), (mean[i, 0].numpy(), "reconstruction"),
+        for c, (image, label) in enumerate([(x[i, 0].float().cpu().numpy(), "data"), (mean[i, 0].float().numpy(), "reconstruction"),
                                             (top[i], "parts")]):
             axes[r, c].imshow(np.clip(image, 0, 1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             if i == 0:

@@ -198,7 +198,7 @@ def plot_tsne(rnp, x: torch.Tensor, path, seed: int = 0, clusters: int = 8) -> t
     from sklearn.model_selection import train_test_split
 
     vectors, levels, canvases = program_vectors(rnp, x)
-    v, y = vectors.numpy(), levels.numpy()
+    v, y = vectors.float().numpy(), levels.numpy()
     train_v, test_v, train_y, test_y = train_test_split(v, y, test_size=0.3, random_state=seed, stratify=y)
     probe = LogisticRegression(max_iter=2000).fit(train_v, train_y)
     accuracy = float(probe.score(test_v, test_y))
@@ -220,7 +220,7 @@ def plot_tsne(rnp, x: torch.Tensor, path, seed: int = 0, clusters: int = 8) -> t
         nearest = int(np.argmin(((embedding - centre) ** 2).sum(1)))
         ax.annotate(str(k + 1), centre, fontsize=9, weight="bold")
         inset = fig.add_axes([0.63 + 0.09 * (k % 4), 0.55 - 0.42 * (k // 4), 0.08, 0.35])
-        inset.imshow(canvases[nearest].clamp(0, 1).numpy(), cmap="gray", vmin=0, vmax=1)
+        inset.imshow(canvases[nearest].clamp(0, 1).float().numpy(), cmap="gray", vmin=0, vmax=1)
         inset.set_xticks([]), inset.set_yticks([])
         inset.set_title(f"{k + 1}: level {int(y[nearest])}", fontsize=7)
     path = save_figure(fig, path)

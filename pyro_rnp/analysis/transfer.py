@@ -29,11 +29,12 @@ def freeze_decoder(rnp) -> list[torch.nn.Parameter]:
 
 
 def adapt_encoder(rnp, images: torch.Tensor, epochs: int, lr: float, batch_size: int = 64, grad_clip: float = 0.2,
-                  seed: int = 0, progress: bool = False, fast: bool = True) -> list[float]:
-    """SVI steps on the encoder alone, with the training loop; returns the mean loss per image of each epoch."""
+                  seed: int = 0, progress: bool = False, fast: bool = True, amp: str | None = None) -> list[float]:
+    """SVI steps on the encoder alone, with the training loop (``amp`` as TrainStep takes it); returns the mean
+    loss per image of each epoch."""
     require(rnp, "guide", "transfer")
     optimizer = torch.optim.Adam(freeze_decoder(rnp), lr=lr)
-    step = TrainStep(rnp, optimizer, grad_clip, frozen=(rnp.executor, rnp.prior), fast=fast)
+    step = TrainStep(rnp, optimizer, grad_clip, frozen=(rnp.executor, rnp.prior), fast=fast, amp=amp)
     losses: list[float] = []
 
     def record(summary: EpochSummary) -> None:
@@ -49,14 +50,14 @@ def snapshot(model, x: torch.Tensor) -> dict:
     """What the transfer figure shows of a model on images x, before or after adaptation."""
     if has(model, "parts"):
         parts = model.parts(x)
-        return {"mean": parts.canvas[:, 0].cpu().numpy(), "parts": colour_parts(parts.placed)}
-    return {"mean": model.reconstruct(x)[:, 0].cpu().numpy(), "parts": None}
+        return {"mean": parts.canvas[:, 0].float().cpu().numpy(), "parts": colour_parts(parts.placed)}
+    return {"mean": model.reconstruct(x)[:, 0].float().cpu().numpy(), "parts": None}
 
 
 def plot_transfer(model, x: torch.Tensor, before: dict, path) -> pathlib.Path:
     """Unseen images: the data, then reconstruction (and parts) before and after adaptation."""
     after = snapshot(model, x)
-    rows = [("data", x[:, 0].cpu().numpy())]
+    rows = [("data", x[:, 0].float().cpu().numpy())]
     for label, shown in (("before", before), ("after", after)):
         rows.append((label, shown["mean"]))
         if shown["parts"] is not None:

@@ -100,11 +100,14 @@ class BufferPool:
     def __init__(self):
         self.free: dict[tuple, list[torch.Tensor]] = {}
 
-    def take(self, shape, like: torch.Tensor) -> torch.Tensor:
+    def take(self, shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A (possibly recycled) uninitialised tensor of ``shape`` on like's device, in ``dtype`` (like's
+        by default)."""
+        dtype = dtype or like.dtype
         if like.device.type != "cpu":
-            return like.new_empty(shape)
-        stack = self.free.get((tuple(shape), like.dtype))
-        return stack.pop() if stack else like.new_empty(shape)
+            return like.new_empty(shape, dtype=dtype)
+        stack = self.free.get((tuple(shape), dtype))
+        return stack.pop() if stack else like.new_empty(shape, dtype=dtype)
 
     def give(self, tensor: torch.Tensor) -> None:
         # a tensor made under torch.inference_mode cannot be written later by a step that records gradients

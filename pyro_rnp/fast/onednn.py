@@ -76,7 +76,10 @@ def transpose_into(b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 def add_mm_tn(target: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """target + a.T @ b (in place when target is given) for a tall a (r, k) and a wide b (r, m):
-    the head's gradient from all program batches."""
+    the head's gradient from all program batches. a and b may be in a lower precision than target
+    (CPU autocast): the product is formed in theirs and added in target's."""
+    if target is not None and target.dtype != b.dtype:
+        return target.add_(torch.mm(a.t(), b))
     if not uses_onednn(a, b):
         return torch.mm(a.t(), b) if target is None else target.addmm_(a.t(), b)
     product = _linear(a.t().contiguous(), b.t())

@@ -1,6 +1,8 @@
 """Generated programs on the fast path: ``PlainPrograms``' numbers with fewer, larger operations."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from ..model.hypernet import GeneratedLayer
@@ -21,9 +23,15 @@ class FastPrograms:
     backward keeps its input and output gradient; the generating node then forms every
     layer's weight gradient once, over all the steps that used it, in an (N, numel)
     buffer, and passes it to h with one matrix product and to the head with another.
-    Inside a ``TrainingPass`` (``training_pass``, when given and gradients are on and
-    autocast is off) the buffers are recycled and the head's product is deferred to
-    the end of the backward pass, shared with the pass's other batches.
+    Inside a ``TrainingPass`` (``training_pass``, when given and gradients are on, and
+    autocast is off or on CPU) the buffers are recycled and the head's product is
+    deferred to the end of the backward pass, shared with the pass's other batches.
+
+    Under autocast the head's products and the layers' weight gradients run in
+    autocast's dtype (``product_dtype``). On CUDA the generated layers do too. On CPU
+    they run in float32 on weights rounded to that dtype (``value`` is float32): a
+    bfloat16 batched product with one row per matrix, which every generated layer
+    is, measured slower than float32 on CPU (see bench.py).
     """
 
     def __init__(self, h: torch.Tensor, head: torch.Tensor, layout: list[GeneratedLayer],
@@ -31,7 +39,10 @@ class FastPrograms:
         self.n = h.shape[0]
         self.head = head
         fast = training_pass
-        self.fast = fast is not None and torch.is_grad_enabled() and not torch.is_autocast_enabled(h.device.type)
+        autocast = torch.is_autocast_enabled(h.device.type)
+        self.product_dtype = torch.get_autocast_dtype(h.device.type) if autocast else h.dtype
+        self.float_layers = autocast and h.device.type == "cpu"  # CPU autocast: layers in float32 (above)
+        self.fast = fast is not None and torch.is_grad_enabled() and (not autocast or self.float_layers)
         self.row = 0
         self.deferred: torch.Tensor | None = None  # h, once the head's gradient waits for the fast path's flush
         # without gradients (evaluation, figures) the value is only needed until release()
@@ -42,7 +53,6 @@ class FastPrograms:
         # the fast CPU path
         self.value: list[tuple[int, torch.Tensor]] = []
         self.pooled = False  # whether value's one run came from (and goes back to) POOL
-        self.dtype = h.dtype
         self.views: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.saved = {name: ([], []) for name in self.layers}
         # the fast path that forms this batch's head gradient together with the others', if any
@@ -57,6 +67,12 @@ class FastPrograms:
             block = run[:, offset - start:offset - start + layer.numel].view(self.n, layer.rows, layer.outputs)
             bias = block[:, layer.inputs:] if layer.bias else None
             self.views[name] = (block[:, :layer.inputs], bias)
+
+    def product_head(self, head: torch.Tensor) -> torch.Tensor:
+        """The head in ``product_dtype`` (made once per training pass when there is one)."""
+        if self.collector is not None:
+            return self.collector.head_in(head, self.product_dtype)
+        return head.to(self.product_dtype)
 
     def apply(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return _Apply.apply(x, self._handle, self, name)
@@ -94,7 +110,13 @@ class _Generate(torch.autograd.Function):
     def forward(ctx, h, head, programs):
         shape = (h.shape[0], head.shape[1])
         head_t = programs.collector.transposed_head(head) if programs.collector is not None else None
-        if torch.is_autocast_enabled(h.device.type):  # mixed precision: autocast picks the dtype
+        if programs.float_layers:  # CPU autocast: the product in its dtype, the weights kept in float32
+            low_h, low_head = h.to(programs.product_dtype), programs.product_head(head)
+            out = POOL.take(shape, h, torch.float32)
+            for start, stop in programs.segments:  # in parts, each turned into float32 while in cache
+                out[:, start:stop].copy_(torch.mm(low_h, low_head[:, start:stop]))
+            programs.value, programs.pooled = [(0, out)], True
+        elif torch.is_autocast_enabled(h.device.type):  # mixed precision: autocast picks the dtype
             programs.value = [(0, torch.mm(h, head))]
         elif head_t is not None:  # oneDNN writes fresh tensors: one per segment (see segments)
             programs.value = [(start, onednn.mm_nt(h, head_t[start:stop])) for start, stop in programs.segments]
@@ -102,7 +124,6 @@ class _Generate(torch.autograd.Function):
             programs.pooled = programs.fast or programs.inference
             out = POOL.take(shape, h) if programs.pooled else h.new_empty(shape)
             programs.value = [(0, torch.mm(h, head, out=out))]
-        programs.dtype = programs.value[0][1].dtype
         programs._make_views()
         ctx.programs = programs
         ctx.save_for_backward(h, head)
@@ -112,13 +133,13 @@ class _Generate(torch.autograd.Function):
     def backward(ctx, _):
         programs = ctx.programs
         h, head = ctx.saved_tensors
-        n, dtype = h.shape[0], programs.dtype  # under autocast the products run in the forward's dtype
+        n, dtype = h.shape[0], programs.product_dtype
         defer = programs.collector is not None and ctx.needs_input_grad[1]
         if defer:  # one buffer per column group, shared with the pass's other batches
-            groups, grads = programs.groups, programs.collector.gradient_rows(programs, h)
+            groups, grads = programs.groups, programs.collector.gradient_rows(programs, h, dtype)
         else:
             groups = [(0, head.shape[1])]
-            grads = [POOL.take((n, head.shape[1]), h) if programs.fast
+            grads = [POOL.take((n, head.shape[1]), h, dtype) if programs.fast
                      else h.new_empty((n, head.shape[1]), dtype=dtype)]
         for name, (layer, offset) in programs.layers.items():
             xs, gs = programs.saved[name]
@@ -141,17 +162,19 @@ class _Generate(torch.autograd.Function):
         grad_h = None
         if ctx.needs_input_grad[0]:
             head_t = programs.collector.head_t if programs.collector is not None else None
-            grad_h = sum(onednn.mm_nt(grad, head[:, start:stop].to(dtype)) if head_t is None
-                         else onednn.mm(grad, head_t[start:stop]) for (start, stop), grad in zip(groups, grads))
+            product_head = programs.product_head(head) if head_t is None else None
+            grad_h = sum((onednn.mm_nt(grad, product_head[:, start:stop]) if head_t is None
+                          else onednn.mm(grad, head_t[start:stop])).to(h.dtype)  # summed in h's precision
+                         for (start, stop), grad in zip(groups, grads))
         grad_head = None
         if defer:
             programs.deferred = h
         elif ctx.needs_input_grad[1]:
             param = programs.head
-            if programs.fast and param.grad is not None:
-                param.grad.addmm_(h.t(), grads[0])  # in place: a fresh buffer would be page-faulted in
+            if programs.fast and param.grad is not None:  # in place: a fresh buffer would be page-faulted in
+                onednn.add_mm_tn(param.grad, h.to(dtype), grads[0])
             elif programs.fast:
-                param.grad = torch.mm(h.t(), grads[0])
+                param.grad = torch.mm(h.t().to(dtype), grads[0]).to(param.dtype)
             else:
                 grad_head = torch.mm(h.t().to(dtype), grads[0])
         if programs.fast:
@@ -162,7 +185,8 @@ class _Generate(torch.autograd.Function):
 
 
 def _linear(programs: FastPrograms, name: str, x: torch.Tensor) -> torch.Tensor:
-    """Generated layer ``name`` on x (N, inputs): one batched product per layer for all programs."""
+    """Generated layer ``name`` on x (N, inputs): one batched product per layer for all programs
+    (call it with autocast off where ``programs.float_layers``; see _layers)."""
     w, b = programs.views[name]
     x3 = x.unsqueeze(1)
     return (torch.bmm(x3, w) if b is None else torch.baddbmm(b, x3, w)).squeeze(1)
@@ -174,12 +198,23 @@ def _grad_input(programs: FastPrograms, name: str, grad: torch.Tensor) -> torch.
     return torch.bmm(grad.unsqueeze(1), w.transpose(1, 2)).squeeze(1)
 
 
+def _layers(programs: FastPrograms):
+    """The context generated layers run in: autocast off where they run in float32 (see FastPrograms)."""
+    return torch.autocast("cpu", enabled=False) if programs.float_layers else contextlib.nullcontext()
+
+
+def _layer_input(programs: FastPrograms, x: torch.Tensor) -> torch.Tensor:
+    return x.float() if programs.float_layers else x
+
+
 class _Apply(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, handle, programs, name):
         ctx.programs, ctx.name = programs, name
+        x = _layer_input(programs, x)
         ctx.save_for_backward(x)
-        return _linear(programs, name, x)
+        with _layers(programs):
+            return _linear(programs, name, x)
 
     @staticmethod
     def backward(ctx, grad):
@@ -201,13 +236,14 @@ class _ApplyChain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, handle, programs, names, elu, elu_first, out):
         inputs = []   # what each layer read
-        h = x
-        for k, name in enumerate(names):
-            if elu and (k > 0 or elu_first):
-                h = torch.nn.functional.elu(h)
-            inputs.append(h)
-            h = _linear(programs, name, h)
-        y = h if out is None else torch.relu(h) if out == "relu" else torch.sin(h)
+        h = _layer_input(programs, x)
+        with _layers(programs):
+            for k, name in enumerate(names):
+                if elu and (k > 0 or elu_first):
+                    h = torch.nn.functional.elu(h)
+                inputs.append(h)
+                h = _linear(programs, name, h)
+            y = h if out is None else torch.relu(h) if out == "relu" else torch.sin(h)
         ctx.programs, ctx.names, ctx.elu, ctx.elu_first, ctx.out = programs, names, elu, elu_first, out
         ctx.save_for_backward(h if out == "sin" else y, *inputs)
         return y

@@ -28,7 +28,8 @@ class TrainingPass:
     shared buffer per column group, and the head's gradient is one product over all
     of them (inner size 320 at paper sizes instead of five products of 64), run when
     autograd finishes the backward pass; the forward products read a transposed copy
-    of the head made once per pass (see onednn.py).
+    of the head made once per pass (see onednn.py). Under CPU autocast the gradient rows
+    and the head's products are in autocast's dtype, with the head converted once per pass.
 
     Use it only around a forward pass followed by exactly one backward whose
     gradients go to an optimizer, and do not change the head inside it: a second
@@ -41,6 +42,7 @@ class TrainingPass:
         self.rows = 0
         self.slabs: list[torch.Tensor] | None = None  # per column group, (rows, columns): every batch's gradient
         self.head_t: torch.Tensor | None = None
+        self.head_low: torch.Tensor | None = None  # the head in autocast's dtype, under CPU autocast
 
     def close(self) -> None:
         """Give back every buffer of the pass (called when the pass's context ends)."""
@@ -63,11 +65,21 @@ class TrainingPass:
             self.head_t = onednn.transpose_into(head, POOL.take(head.shape[::-1], head))
         return self.head_t
 
-    def gradient_rows(self, programs: "FastPrograms", like: torch.Tensor) -> list[torch.Tensor]:
-        """This batch's rows of each column group's buffer; the first call of a backward pass queues
-        the final product."""
+    def head_in(self, head: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The head in ``dtype``, converted once per pass (the head itself when it is in ``dtype``)."""
+        if head.dtype == dtype:
+            return head
+        if self.head_low is None or self.head_low.dtype != dtype:
+            self.head_low = POOL.take(head.shape, head, dtype)
+            with torch.no_grad():
+                self.head_low.copy_(head)
+        return self.head_low
+
+    def gradient_rows(self, programs: "FastPrograms", like: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+        """This batch's rows of each column group's buffer (in ``dtype``); the first call of a backward
+        pass queues the final product."""
         if self.slabs is None:
-            self.slabs = [POOL.take((self.rows, stop - start), like) for start, stop in programs.groups]
+            self.slabs = [POOL.take((self.rows, stop - start), like, dtype) for start, stop in programs.groups]
             torch.autograd.Variable._execution_engine.queue_callback(self._flush)
         return [slab[programs.row:programs.row + programs.n] for slab in self.slabs]
 
@@ -78,18 +90,19 @@ class TrainingPass:
             head = done[0].head
             if head.grad is None:
                 head.grad = torch.zeros_like(head)
-            every_h = torch.cat([b.deferred for b in done]) if len(done) == len(self.batches) else None
+            dtype = self.slabs[0].dtype
+            every_h = torch.cat([b.deferred for b in done]).to(dtype) if len(done) == len(self.batches) else None
             for (start, stop), slab in zip(done[0].groups, self.slabs):
                 target = head.grad[:, start:stop]
                 if every_h is not None:
                     onednn.add_mm_tn(target, every_h, slab)
                 else:  # part of the forward pass was not differentiated: its rows hold stale numbers
                     for b in done:
-                        onednn.add_mm_tn(target, b.deferred, slab[b.row:b.row + b.n])
+                        onednn.add_mm_tn(target, b.deferred.to(dtype), slab[b.row:b.row + b.n])
         self._reset()
 
     def _reset(self) -> None:
-        for buffer in (self.slabs or []) + [self.head_t]:
+        for buffer in (self.slabs or []) + [self.head_t, self.head_low]:
             if buffer is not None:
                 POOL.give(buffer)
-        self.batches, self.rows, self.slabs, self.head_t = [], 0, None, None
+        self.batches, self.rows, self.slabs, self.head_t, self.head_low = [], 0, None, None, None

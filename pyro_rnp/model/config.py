@@ -61,7 +61,7 @@ class RNPConfig:
     eval_limit: int | None = None     # held-out images evaluated after each epoch (None: all)
     figure_every: int = 5             # refresh figures every N epochs (and at the end)
     # speed options that change numerics (recorded; may change on --resume)
-    amp: str | None = None            # "bf16": forward pass under autocast in bfloat16 (CUDA)
+    amp: str | None = None            # "bf16": forward pass under autocast in bfloat16 (CUDA, or a bf16 CPU)
     compile: bool = False             # torch.compile the encoder (and an mlp decoder)
 
     def __post_init__(self):

@@ -18,6 +18,15 @@ from .distributed import Context, ELBOLoss
 AMP_DTYPES = {"bf16": torch.bfloat16}
 
 
+def mixed_precision(amp: str | None, device: torch.device):
+    """The context a forward pass runs in for ``amp`` (None: float32; "bf16": autocast in bfloat16 on
+    ``device``). Parameters stay float32; the model keeps float32 where bfloat16 would hurt
+    (pyro_rnp/model/precision.py)."""
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+
+
 class TraceELBOOnDevice(Trace_ELBO):
     """Trace_ELBO's differentiable loss, computed without reading any value back to the host.
 
@@ -143,10 +152,11 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=False)
         # batch-norm statistics move during the forward pass: keep them to undo a step that is not applied
         buffers = [(b, b.clone()) for b in self.buffers]
-        # the training pass adds the head's gradient in place, past DDP's hooks and autocast's dtypes
-        deferred = self.program_path is not None and not self.context.active and self.amp is None
-        autocast = (torch.autocast(x.device.type, dtype=AMP_DTYPES[self.amp]) if self.amp
-                    else contextlib.nullcontext())
+        # the training pass adds the head's gradient in place, past DDP's hooks (and, on CUDA, autocast's
+        # dtypes); under CPU autocast it forms the head's products in bfloat16 (pyro_rnp/fast/programs.py)
+        deferred = (self.program_path is not None and not self.context.active
+                    and (self.amp is None or x.device.type == "cpu"))
+        autocast = mixed_precision(self.amp, x.device)
         checks = contextlib.nullcontext() if validates_inside(x.device, self.context) else \
             pyro.validation_enabled(False)
         with self.program_path.training_pass() if deferred else contextlib.nullcontext():
