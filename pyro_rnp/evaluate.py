@@ -1,6 +1,8 @@
 """``python -m pyro_rnp.evaluate RUN_DIR [--iw-samples K]``: held-out -ELBO, IWAE bound and MSE.
 
-The numbers are defined in pyro_rnp/analysis/evaluate.py.
+The numbers are defined in pyro_rnp/analysis/evaluate.py; on Multi-MNIST also the count
+accuracy (pyro_rnp/analysis/scenes.py), whose linear probe, for models without a count
+variable, is fitted on the first PROBE_SCENES training scenes.
 """
 from __future__ import annotations
 
@@ -11,8 +13,22 @@ import click
 import pyro
 
 from .analysis.evaluate import evaluate
+from .analysis.scenes import count_accuracy, part_purity
 from .cli import analysis_options, held_out, open_run, run, write_result
+from .model.registry import has
 from .training.step import mixed_precision
+
+PROBE_SCENES = 5000
+
+
+def scene_digits(config, data_dir, download: bool):
+    """The digit labels (N, 2) of the held-out scenes that held_out gives, in the same order."""
+    import torch
+    from .data.multi_mnist import load_scenes
+    _, counts, digits = load_scenes("test", data_dir, download).tensors
+    keep = ~torch.isin(counts, torch.tensor(list(config.exclude_classes), dtype=counts.dtype))
+    return digits[keep]
+
 
 @click.command(name="pyro_rnp.evaluate", context_settings={"help_option_names": ["-h", "--help"]})
 @analysis_options(limit_help="Use the first N held-out images [all].", seed_help="Seed for the guide's samples.")
@@ -29,6 +45,13 @@ def main(run_dir, iw_samples, limit, device, amp, data_dir, no_download, seed, a
     pyro.set_rng_seed(seed)
     with mixed_precision(amp, torch_device):
         result = evaluate(rnp, images, labels, iw_samples, device=torch_device, progress=not as_json)
+        if config.dataset == "multi-mnist":  # the label of a scene is its number of digits
+            train = None if has(rnp, "count") else datasets.load_images(
+                "multi-mnist", "train", data_dir, not no_download, PROBE_SCENES).tensors
+            result["count"] = count_accuracy(rnp, images, labels, train=train, seed=seed)
+            if has(rnp, "parts"):
+                digits = scene_digits(config, data_dir, not no_download)[:images.shape[0]]
+                result["part_purity"] = part_purity(rnp, images, digits, seed=seed)
     result.update(run_dir=str(run_dir), dataset=config.dataset, split="test", seed=seed, amp=amp)
     write_result(run_dir, "eval.json", result)
     if as_json:
@@ -45,6 +68,14 @@ def main(run_dir, iw_samples, limit, device, amp, data_dir, no_download, seed, a
                        f"{r['mse']:>9.4f}")
     click.echo(f"{'all':<14}{result['n_images']:>6}{result['neg_elbo']:>10.1f}{result['iwae_nll']:>10.1f}"
                f"{result['mse']:>9.4f}")
+    if "count" in result:
+        count = result["count"]
+        click.echo(f"count accuracy {100 * count['accuracy']:.1f}% ({count['method']}); confusion, rows true "
+                   f"0-2 digits, columns predicted: {count['confusion']}")
+    if "part_purity" in result:
+        purity = result["part_purity"]
+        click.echo(f"part purity (NMI of {purity['identity']} with the digit): {purity['nmi']:.3f} over "
+                   f"{purity['parts']} parts in {purity['images']} one-digit scenes")
     click.echo(f"Written to {pathlib.Path(run_dir) / 'eval.json'}")
 
 

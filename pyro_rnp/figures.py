@@ -17,13 +17,14 @@ import torch
 
 from .analysis import program_space
 from .analysis.plots import plot_parse, plot_samples
+from .analysis.scenes import plot_memory
 from .cli import analysis_options, held_out, open_run, run, write_result
 from .model.registry import has
 from .training.step import mixed_precision
 
-FIGURES = ("parse", "samples", "tsne", "clusters", "interpolate", "library")
+FIGURES = ("parse", "samples", "tsne", "clusters", "interpolate", "library", "memory")
 NEEDS = {"parse": "programs", "tsne": "programs", "clusters": "programs", "interpolate": "programs",
-         "library": "programs"}  # what a model must have for each figure
+         "library": "programs", "memory": "memory"}  # what a model must have for each figure
 
 
 @click.command(name="pyro_rnp.figures", context_settings={"help_option_names": ["-h", "--help"]})
@@ -49,7 +50,9 @@ def main(run_dir, which, n_images, device, amp, data_dir, no_download, limit, cl
     if lacking and which is None:  # by default, every figure the model has
         names = [name for name in names if name not in lacking]
     elif lacking:
-        raise click.BadParameter(f"the run's model ({config.model}) has no program trees, so it has no "
+        what = {"programs": "program trees", "memory": "memory of slots"}
+        missing = sorted({what[NEEDS[name]] for name in lacking})
+        raise click.BadParameter(f"the run's model ({config.model}) has no {' or '.join(missing)}, so it has no "
                                  f"{', '.join(lacking)} figure; it has: "
                                  f"{', '.join(n for n in FIGURES if n not in NEEDS or has(rnp, NEEDS[n]))}",
                                  param_hint="--which")
@@ -64,6 +67,10 @@ def main(run_dir, which, n_images, device, amp, data_dir, no_download, limit, cl
             torch.manual_seed(seed)
             written.append(plot_samples(rnp, n_images, folder / "samples.png"))
         summaries = {}
+        if "memory" in names:
+            x = held_out(config, data_dir, not no_download, tsne_images)[0].to(torch_device)
+            path, summaries["memory"] = plot_memory(rnp, x, folder / "memory.png")
+            written.append(path)
         if "tsne" in names:
             x = held_out(config, data_dir, not no_download, tsne_images)[0].to(torch_device)
             path, summaries["tsne"] = program_space.plot_tsne(rnp, x, folder / "tsne.png", seed)
@@ -77,7 +84,8 @@ def main(run_dir, which, n_images, device, amp, data_dir, no_download, limit, cl
             clusterings = [program_space.cluster(group, clusters, seed) for group in programs]
             depth = config.depth
             if "clusters" in names:
-                written.append(program_space.plot_clusters(programs, clusterings, depth, folder / "clusters.png", seed=seed))
+                written.append(program_space.plot_clusters(programs, clusterings, depth, folder / "clusters.png",
+                                                           seed=seed))
             if "interpolate" in names:
                 written.append(program_space.plot_interpolation(rnp, clusterings, folder / "interpolate.png"))
             if "library" in names:

@@ -27,6 +27,7 @@ from .data import DATASETS
 from .fast import prepare_process_for_training
 from .model import components
 from .model.config import LIKELIHOODS, SCHEDULES, RNPConfig
+from .model.likelihoods import make_likelihood
 from .model.registry import model_entry, model_names
 from .training.distributed import Context, broadcast_from_main, sum_across, teardown
 from .training.distributed import setup as distributed_setup
@@ -195,9 +196,10 @@ def main(ctx, dataset, preset, epochs, batch_size, lr, head_lr_scale, z_dim, dep
     echo = click.echo if context.is_main else (lambda message: None)
     batch = (f"batch {config.batch_size} per process x {context.world} processes" if context.active
              else f"batch {config.batch_size}")
+    likelihood = make_likelihood(config.likelihood, config.likelihood_scale).name
+    depth = f"depth {config.depth}, " if config.model == "rnp" else ""
     echo(f"Run folder: {run_dir}  ({config.model} on {config.dataset}, preset {config.schedule}, "
-         f"{config.epochs} epochs, {batch}, lr {config.lr:g}, depth {config.depth}, likelihood {config.likelihood}, "
-         f"device {torch_device})")
+         f"{config.epochs} epochs, {batch}, lr {config.lr:g}, {depth}likelihood {likelihood}, device {torch_device})")
     launcher = "torchrun -m pyro_rnp.fit" if context.active else "python -m pyro_rnp.fit"
     try:
         train(config, run_dir, torch_device, data_dir, download=not no_download, resume=resume_dir is not None,

@@ -32,14 +32,18 @@ def main(run_dir, classes, epochs, lr, train_limit, limit, device, amp, data_dir
 
     unseen = ClassList().convert(classes, None, None)
     config, rnp, torch_device = open_run(run_dir, device, needs="guide", what="transfer", amp=amp)
+    if not hasattr(rnp, "encoder"):
+        raise click.BadParameter(f"transfer adapts the encoder of an rnp or vae run; the {config.model} model's guide "
+                                 "is not one encoder", param_hint="RUN_DIR")
     missing = sorted(set(unseen) - set(config.exclude_classes))
     if missing:
         raise click.BadParameter(
             f"the run was trained on class {', '.join(map(str, missing))} (it excluded "
             f"{list(config.exclude_classes) or 'nothing'}); train with fit --exclude-classes "
             f"{','.join(map(str, unseen))} first", param_hint="--classes")
-    if config.dataset == "omniglot":
-        raise click.BadParameter("transfer runs on mnist and fashion runs (Omniglot's test set has other classes)",
+    if config.dataset in ("omniglot", "multi-mnist"):
+        raise click.BadParameter("transfer runs on mnist and fashion runs (Omniglot's test set has other classes; "
+                                 "Multi-MNIST's classes are digit counts)",
                                  param_hint="RUN_DIR")
     not_unseen = tuple(c for c in range(len(datasets.class_names(config.dataset))) if c not in unseen)
 

@@ -42,8 +42,8 @@ def test_the_registry_builds_each_model_with_its_capabilities():
     assert has(vae, "guide") and not has(vae, "parts") and not has(vae, "programs")
     with pytest.raises(ValueError, match="needs a model with program trees.*it works on: rnp"):
         require(vae, "programs", "the parse figure")
-    with pytest.raises(ValueError, match="unknown model 'air'"):
-        build_model(tiny_config(model="air"))
+    with pytest.raises(ValueError, match="unknown model 'sparse-andor'"):
+        build_model(tiny_config(model="sparse-andor"))
 
 
 def test_every_model_provides_the_protocol(fashion_images):
@@ -115,9 +115,9 @@ def test_fit_takes_a_model_by_name_and_refuses_an_mlp_rnp(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pyro_rnp.fit", "--model", "rnp", "--decoder", "mlp",
                           "--run-dir", str(tmp_path / "x")], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert out.returncode == 2 and "use --model vae" in out.stderr
-    out = subprocess.run([sys.executable, "-m", "pyro_rnp.fit", "--model", "air"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "pyro_rnp.fit", "--model", "nope"], capture_output=True, text=True,
                          cwd=REPO, timeout=120)
-    assert out.returncode == 2 and "unknown model 'air'; choose one of rnp, vae" in out.stderr
+    assert out.returncode == 2 and "unknown model 'nope'; choose one of rnp, vae, air, dmvae" in out.stderr
 
 
 @pytest.mark.parametrize("name", ["evaluate", "ppc", "figures", "transfer"])

@@ -60,3 +60,16 @@ def test_affine_grid_matches_pytorch():
     theta = random_theta(7, torch.Generator().manual_seed(3)).double()
     expected = F.affine_grid(theta, [7, 1, 28, 20], align_corners=False)
     assert torch.allclose(affine_grid(theta, 28, 20), expected, atol=1e-12)
+
+
+def test_patch_box_is_where_place_draws_on_a_larger_canvas():
+    from pyro_rnp.model.spatial import patch_box
+    theta = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 2.0, 0.0]], [[2.5, 0.0, -0.5], [0.0, 2.0, 1.0]]])
+    box = patch_box(theta, 50)
+    assert torch.allclose(box[0], torch.tensor([12.5, 12.5, 37.5, 37.5]))
+    drawn = place(torch.ones(2, 1, 28, 28), theta, 50)[:, 0]
+    for image, (x0, y0, x1, y1) in zip(drawn, box.tolist()):
+        ys, xs = torch.nonzero(image > 0.5, as_tuple=True)  # pixel centres at i + 0.5 in box units
+        assert x0 - 1 <= xs.min() + 0.5 and xs.max() + 0.5 <= x1 + 1
+        assert y0 - 1 <= ys.min() + 0.5 and ys.max() + 0.5 <= y1 + 1
+        assert abs((xs.max() - xs.min() + 1) - (x1 - x0)) <= 2 and abs((ys.max() - ys.min() + 1) - (y1 - y0)) <= 2

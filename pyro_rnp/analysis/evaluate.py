@@ -23,15 +23,22 @@ MAX_PROGRAMS = 256  # images x samples run at once (evaluation and predictive ch
 
 @torch.no_grad()
 def log_weights(rnp, x: torch.Tensor, particles: int) -> torch.Tensor:
-    """log p(x, z_k) - log q(z_k | x) for z_k ~ q(z | x): (particles, B), all particles in one pass."""
-    with pyro.plate("particles", particles, dim=-2):
+    """log p(x, z_k) - log q(z_k | x) for z_k ~ q(z | x): (particles, B), all particles in one pass: as an
+    outer plate, or, for a model whose ``particle_plate`` is False (AIR), on the batch repeated."""
+    n = x.shape[0]
+    if getattr(rnp, "particle_plate", True):
+        with pyro.plate("particles", particles, dim=-2):
+            guide_trace = poutine.trace(rnp.guide).get_trace(x)
+            model_trace = poutine.trace(poutine.replay(rnp.model, trace=guide_trace)).get_trace(x, part_term=False)
+    else:
+        x = x.repeat(particles, *([1] * (x.dim() - 1)))  # particle k is rows k * n ... (k + 1) * n - 1
         guide_trace = poutine.trace(rnp.guide).get_trace(x)
         model_trace = poutine.trace(poutine.replay(rnp.model, trace=guide_trace)).get_trace(x, part_term=False)
     model_trace.compute_log_prob()
     guide_trace.compute_log_prob()
     log_p = sum(site["log_prob"] for site in model_trace.nodes.values() if site["type"] == "sample")
     log_q = sum(site["log_prob"] for site in guide_trace.nodes.values() if site["type"] == "sample")
-    return (log_p - log_q).expand(particles, x.shape[0])
+    return (log_p - log_q).reshape(-1, n).expand(particles, n)
 
 
 @torch.no_grad()

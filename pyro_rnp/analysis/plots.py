@@ -32,6 +32,17 @@ def colour_parts(placed: torch.Tensor) -> np.ndarray:
     return rgb.clamp(0, 1).float().numpy()
 
 
+def _outline(ax, parts, image: int) -> None:
+    """Outline each present piece's box of image ``image`` in the piece's colour."""
+    boxes = parts.boxes[image].detach().float().cpu()
+    colours = part_colours(boxes.shape[0])
+    for t, (x0, y0, x1, y1) in enumerate(boxes.tolist()):
+        if parts.present is None or bool(parts.present[image, t]):
+            # imshow puts pixel i's centre at i: its edges are at i - 0.5
+            ax.add_patch(plt.Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, lw=0.8,
+                                       edgecolor=colours[t]))
+
+
 def save_figure(fig, path) -> pathlib.Path:
     """Write a matplotlib figure as PNG atomically (an interrupted run leaves the old one) and close it."""
     path = pathlib.Path(path)
@@ -40,16 +51,19 @@ def save_figure(fig, path) -> pathlib.Path:
     return path
 
 
-def image_grid(rows: list[tuple[str, np.ndarray]], path: pathlib.Path, title: str) -> pathlib.Path:
-    """rows of (label, images (B, H, W[, 3])) -> one PNG, written atomically."""
-    n = max(len(images) for _, images in rows)
+def image_grid(rows: list[tuple], path: pathlib.Path, title: str) -> pathlib.Path:
+    """rows of (label, images (B, H, W[, 3])) or (label, images, Parts) -> one PNG, written atomically;
+    with Parts, each piece's box (where it has one, and if it is present) is outlined in its colour."""
+    n = max(len(row[1]) for row in rows)
     fig, axes = plt.subplots(len(rows), n, figsize=(1.1 * n, 1.2 * len(rows) + 0.4), squeeze=False)
-    for r, (label, images) in enumerate(rows):
+    for r, (label, images, *parts) in enumerate(rows):
         for c in range(n):
             ax = axes[r, c]
             ax.set_xticks([]), ax.set_yticks([])
             if c < len(images):
                 ax.imshow(np.clip(images[c], 0, 1), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+                if parts and parts[0].boxes is not None:
+                    _outline(ax, parts[0], c)
             if c == 0:
                 ax.set_ylabel(label, fontsize=8)
     fig.suptitle(title, fontsize=9)
@@ -61,11 +75,13 @@ def plot_reconstructions(model, x: torch.Tensor, path, title: str = "held-out re
     """Data, reconstruction, and the parts in colour, for a few images x (B, 1, H, W).
     A model without parts (the vae baseline) gets the first two rows."""
     if not has(model, "parts"):
-        rows = [("data", x[:, 0].float().cpu().numpy()), ("reconstruction", model.reconstruct(x)[:, 0].float().cpu().numpy())]
+        rows = [("data", x[:, 0].float().cpu().numpy()),
+                ("reconstruction", model.reconstruct(x)[:, 0].float().cpu().numpy())]
         return image_grid(rows, path, title)
     parts = model.parts(x)
-    rows = [("data", x[:, 0].float().cpu().numpy()), ("reconstruction", parts.canvas[:, 0].float().cpu().numpy()),
-            ("parts", colour_parts(parts.placed))]
+    rows = [("data", x[:, 0].float().cpu().numpy()),
+            ("reconstruction", parts.canvas[:, 0].float().cpu().numpy()),
+            ("parts", colour_parts(parts.placed), parts)]
     return image_grid(rows, path, title)
 
 

@@ -49,13 +49,15 @@ def posterior_replicates(rnp, x: torch.Tensor, samples: int) -> torch.Tensor:
     """(samples, B, 1, H, W) images from p(x_rep | z), z ~ q(z | x)."""
     def replicate(images):  # the guide reads the images; the model generates afresh
         return rnp.model(None, batch_size=images.shape[0])
-    predictive = Predictive(replicate, guide=rnp.guide, num_samples=samples, return_sites=["x"], parallel=True)
+    predictive = Predictive(replicate, guide=rnp.guide, num_samples=samples, return_sites=["x"],
+                            parallel=getattr(rnp, "particle_plate", True))
     return predictive(x)["x"]
 
 
 @torch.no_grad()
 def prior_samples(rnp, n: int) -> torch.Tensor:
-    return Predictive(rnp.model, num_samples=1, return_sites=["x"], parallel=True)(None, batch_size=n)["x"][0]
+    parallel = getattr(rnp, "particle_plate", True)  # AIR and DM-VAE take no outer plate (registry.py)
+    return Predictive(rnp.model, num_samples=1, return_sites=["x"], parallel=parallel)(None, batch_size=n)["x"][0]
 
 
 @torch.no_grad()

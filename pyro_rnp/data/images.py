@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from .atomic import atomic_write as _atomic_write
-from .catalog import DATASETS, SPLITS
+from .catalog import DATASETS, SCENE_CLASSES, SPLITS
 
 log = logging.getLogger("pyro_rnp.data")
 _announced: set = set()
@@ -276,6 +276,9 @@ def load_images(
     """Returns TensorDataset(images, labels): images float32 (N, 1, 28, 28) in [0, 1]
     (strokes white on black, as MNIST), labels int64 (N,).
 
+    For multi-mnist the images are (N, 1, 50, 50) scenes and the label is the number of
+    digits in each (multi_mnist.py; ``load_scenes`` also gives the digits' labels).
+
     For omniglot, train = images_background and test = images_evaluation, and the
     label is the character's index within that split (sorted alphabet/character).
     exclude_classes is applied before limit (keep the first `limit` images).
@@ -284,7 +287,11 @@ def load_images(
     _check_name(name)
     check_split(split)
     data_dir = _resolve_data_dir(data_dir)
-    if name == "omniglot":
+    if name == "multi-mnist":
+        from .multi_mnist import scene_arrays
+        scenes = scene_arrays(split, data_dir, download)
+        images, labels = scenes["images"].unsqueeze(1), scenes["counts"]
+    elif name == "omniglot":
         images, labels = _load_omniglot(split, data_dir, download)
     else:
         images, labels = _load_torchvision(name, split, data_dir, download)
@@ -317,6 +324,8 @@ def class_names(name: str, split: str = "test", data_dir=None) -> list[str]:
     """Names indexed by label: torchvision's class names, or "Alphabet/characterNN" for omniglot's split."""
     _check_name(name)
     check_split(split)
+    if name == "multi-mnist":
+        return list(SCENE_CLASSES)
     if name != "omniglot":
         return list(_tv_class(name).classes)
     return _omniglot_characters(_omniglot_folder(split, _resolve_data_dir(data_dir), download=False))

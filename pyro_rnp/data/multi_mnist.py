@@ -34,6 +34,13 @@ def load_scenes(split: str, data_dir=None, download: bool = False, limit: int | 
     """TensorDataset(images float32 (N, 1, 50, 50) in [0, 1], counts int64 (N,), labels int64 (N, 2)
     with -1 where a scene has fewer digits). ``scenes`` builds a split of another size (tests);
     ``limit`` keeps the first N scenes."""
+    payload = scene_arrays(split, data_dir, download, scenes)
+    images, counts, labels = first(limit, payload["images"], payload["counts"], payload["labels"])
+    return TensorDataset(images.to(torch.float32).div_(255.0).unsqueeze(1), counts, labels)
+
+
+def scene_arrays(split: str, data_dir=None, download: bool = False, scenes: int | None = None) -> dict:
+    """The split as stored: {"images" uint8 (N, 50, 50), "counts" (N,), "labels" (N, 2)}, built on first use."""
     check_split(split)
     n = SCENES[split] if scenes is None else scenes
     seed = TRAIN_SEED if split == "train" else TEST_SEED
@@ -48,8 +55,7 @@ def load_scenes(split: str, data_dir=None, download: bool = False, limit: int | 
         log.info(f"Multi-MNIST {split}: building {n} scenes from MNIST's {split} digits into {path}")
         payload = build_scenes(*mnist_digits(split, data_dir, download), n, seed)
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
-    images, counts, labels = first(limit, payload["images"], payload["counts"], payload["labels"])
-    return TensorDataset(images.to(torch.float32).div_(255.0).unsqueeze(1), counts, labels)
+    return payload
 
 
 def build_scenes(digits: torch.Tensor, labels: torch.Tensor, n: int, seed: int) -> dict:

@@ -1,7 +1,9 @@
 """The models that ship with pyro_rnp, registered by name."""
 from __future__ import annotations
 
+from .air import AIR
 from .config import RNPConfig
+from .dmvae import DMVAE
 from .registry import register_model
 from .rnp import RNP
 from .vae import VAE
@@ -17,3 +19,19 @@ def _rnp(config: RNPConfig, **modules) -> RNP:
                 capabilities=("guide",))
 def _vae(config: RNPConfig, **modules) -> VAE:
     return VAE(config, **modules)
+
+
+@register_model("air", "AIR (Eslami et al. 2016) as Pyro's example: up to max_parts objects, z_pres/z_where/z_what, "
+                "an LSTM guide with learned baselines", capabilities=("guide", "parts", "count"))
+def _air(config: RNPConfig, **modules) -> AIR:
+    if modules:
+        raise ValueError(f"the air model has no swappable components (got {', '.join(modules)})")
+    return AIR(config)
+
+
+@register_model("dmvae", "DM-VAE (Min et al.): AIR's sequence of parts, each drawn from a learned memory of slots "
+                "with Concrete-relaxed addresses", capabilities=("guide", "parts", "count", "memory"))
+def _dmvae(config: RNPConfig, **modules) -> DMVAE:
+    if modules:
+        raise ValueError(f"the dmvae model has no swappable components (got {', '.join(modules)})")
+    return DMVAE(config)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..data.catalog import DATASETS
+from ..data.catalog import DATASETS, IMAGE_SIZE
 
 SCHEDULES = ("paper", "quick")
 LIKELIHOODS = ("normal", "bernoulli")
@@ -31,7 +31,8 @@ class RNPConfig:
     hidden: int = 64                  # width of H's trunk and of the generated hidden layers
     embed: int = 32                   # size of the patch encoding read by the two RNNs
     action_hidden: int = 32           # width of the generated action decoder
-    image_size: int = 28
+    image_size: int | None = None     # side of the images and of the top-level canvas (None: the dataset's)
+    patch_size: int = 28              # side of leaf patches and child canvases (RNP), and of AIR's window
     scale_offset: float = 3.3         # s0 added to the diagonal of every affine action
     generated_activation: str = "elu" # between generated layers: "elu" (paper) or "linear" (authors' code)
     encoder_blocks: int = 5
@@ -39,6 +40,25 @@ class RNPConfig:
     likelihood: str = "normal"        # "normal" (sigma=likelihood_scale; 0.5 is the paper's loss) or "bernoulli"
     likelihood_scale: float = 0.5
     part_weight: float = 1.0          # weight of the part-level regulariser (a pyro.factor)
+    # AIR (air.py): up to max_parts objects, each a window placed on the canvas
+    max_parts: int = 3                # steps T
+    z_what_dim: int = 50              # each object's appearance code
+    z_pres_prior: float = 0.01        # rho: P(z_pres_t = 1 | z_pres_{t-1} = 1) (the AIR tutorial's)
+    air_scale_mean: float = 3.0       # z_where prior: scale ~ N(air_scale_mean, air_scale_sd),
+    air_scale_sd: float = 0.2         #   x, y ~ N(0, air_position_sd) (sd 0.2: the tutorial's; the example's is 0.1)
+    air_position_sd: float = 1.0
+    air_lstm: int = 256               # the guide's LSTM cell (and the baseline's)
+    air_hidden: int = 200             # decoder, predict net, window encoder and baseline head widths
+    air_decoder_bias: float = -2.0    # added to the decoder's output before its sigmoid (the tutorial's)
+    baseline_lr: float = 0.1          # Adam learning rate of the z_pres baselines (the tutorial's)
+    # DM-VAE (dmvae.py): AIR's sequence, each part drawn from a learned memory of slots (window: patch_size;
+    # max_parts, z_pres_prior and the z_where prior as AIR's, with a scale per axis)
+    slots: int = 15                   # K, the paper's for Multi-MNIST
+    slot_size: int = 64               # d (not stated in the paper: our choice)
+    part_noise: int = 32              # eps, the paper's
+    dmvae_temperature: float = 0.5    # the Concrete relaxations' temperature (not stated: our choice)
+    dmvae_gamma: float = 1.0          # weight of the information loss (not stated: our choice)
+    dmvae_sharpness: float = 10.0     # initial beta of q(z_type | crop) = softmax(beta * cosine) (learned; our choice)
     # components (components.py): what p(z), q(z | x) and the decoder are
     prior: str = "normal"             # normal (paper), mog, vamp, flow
     prior_components: int = 16        # K for mog and vamp
@@ -80,7 +100,17 @@ class RNPConfig:
             (min(self.z_dim, self.hidden, self.embed, self.action_hidden, self.encoder_hidden) >= 1,
              "layer sizes must be positive"),
             (self.encoder_blocks >= 0, "encoder_blocks must be >= 0"),
-            (self.image_size == 28, "only 28x28 images are supported"),
+            (self.image_size is None or self.image_size == IMAGE_SIZE.get(self.dataset),
+             f"image_size of {self.dataset} is {IMAGE_SIZE.get(self.dataset)}, not {self.image_size}"),
+            (self.patch_size == 28, "patch_size must be 28 (the hypernetwork's patches; AIR's window)"),
+            (min(self.max_parts, self.z_what_dim, self.air_lstm, self.air_hidden) >= 1,
+             "max_parts, z_what_dim, air_lstm and air_hidden must be positive"),
+            (0 < self.z_pres_prior < 1, "z_pres_prior must be in (0, 1)"),
+            (min(self.slots, self.slot_size, self.part_noise) >= 1, "slots, slot_size and part_noise must be positive"),
+            (self.dmvae_temperature > 0 and self.dmvae_sharpness > 0 and self.dmvae_gamma >= 0,
+             "dmvae_temperature and dmvae_sharpness must be positive, dmvae_gamma >= 0"),
+            (min(self.air_scale_sd, self.air_position_sd, self.baseline_lr) > 0,
+             "air_scale_sd, air_position_sd and baseline_lr must be positive"),
             (self.epochs >= 0, "epochs must be >= 0"),
             (self.batch_size >= 2, "batch_size must be at least 2 (the encoder uses batch norm)"),
             (self.lr > 0, "lr must be positive"),
@@ -99,6 +129,8 @@ class RNPConfig:
             object.__setattr__(self, "model", "vae")
         if self.model == "vae":
             object.__setattr__(self, "decoder", "mlp")
+        if self.image_size is None:
+            object.__setattr__(self, "image_size", IMAGE_SIZE[self.dataset])
         object.__setattr__(self, "exclude_classes", tuple(int(c) for c in self.exclude_classes))
         object.__setattr__(self, "plugins", tuple(str(p) for p in self.plugins))
 
@@ -112,8 +144,11 @@ class RNPConfig:
         omniglot = dataset == "omniglot"
         values = dict(dataset=dataset, schedule=schedule, z_dim=96 if omniglot else 32,
                       epochs=400 if omniglot else 200)
+        if dataset == "multi-mnist":
+            values.update(MULTI_MNIST)
         if schedule == "quick":
             values.update(QUICK)
+        values.update(SEQUENTIAL_SCHEDULES.get((overrides.get("model"), schedule), {}))
         values.update(overrides)
         return cls(**values)
 
@@ -132,7 +167,8 @@ class RNPConfig:
         return cls(**d)
 
     # fields that define the model's parameters: a checkpoint fits only a config that agrees on these
-    ARCHITECTURE = ("model", "z_dim", "depth", "steps", "hidden", "embed", "action_hidden", "image_size",
+    ARCHITECTURE = ("model", "z_dim", "depth", "steps", "hidden", "embed", "action_hidden", "image_size", "patch_size",
+                    "max_parts", "z_what_dim", "air_lstm", "air_hidden", "slots", "slot_size", "part_noise",
                     "generated_activation", "encoder_blocks", "encoder_hidden", "prior", "prior_components",
                     "flow_layers", "guide", "guide_rank", "decoder", "decoder_hidden")
 
@@ -141,3 +177,20 @@ class RNPConfig:
 # of the rest (2e-4 at its peak, the rest 1e-3); warm-up, then cosine decay. Measured in the README.
 QUICK = dict(epochs=2, lr=1e-3, head_lr_scale=0.2, lr_warmup_steps=200, lr_schedule="cosine",
              eval_limit=2000, figure_every=1)
+
+# Multi-MNIST, every model: Normal(sigma=0.3) per pixel, the likelihood of Pyro's AIR example (our choice, so
+# that AIR trains as its users know it and every model is scored under the same one).
+MULTI_MNIST = dict(likelihood="normal", likelihood_scale=0.3)
+
+# AIR's training (Pyro's example and tutorial): Adam 1e-4, batch 64, no gradient clamp; paper: the tutorial's
+# 200,000 steps (213 epochs of 60,000 scenes). DM-VAE's paper: the same optimiser, 300 epochs. quick: about
+# 20 minutes on this project's 2-core CPU (AIR measured 113 ms a step at batch 64, DM-VAE 60 ms); the
+# tutorial's AIR counts about 95% of training scenes right by 10,000 steps.
+_SEQUENTIAL = dict(lr=1e-4, batch_size=64, grad_clip=0.0, head_lr_scale=1.0, lr_warmup_steps=0,
+                   lr_schedule="constant")
+SEQUENTIAL_SCHEDULES = {
+    ("air", "paper"): dict(_SEQUENTIAL, epochs=213),
+    ("dmvae", "paper"): dict(_SEQUENTIAL, epochs=300),
+    ("air", "quick"): dict(_SEQUENTIAL, epochs=10, eval_limit=2000, figure_every=2),    # ~9,400 steps
+    ("dmvae", "quick"): dict(_SEQUENTIAL, epochs=15, eval_limit=2000, figure_every=3),  # ~14,000 steps
+}

@@ -22,13 +22,14 @@ class BasicBlock(nn.Module):
 class ResNetEncoder(nn.Module):
     """Paper: five ResNet blocks of 32 channels, then four fully connected layers of 64 units."""
 
-    def __init__(self, z_dim: int, blocks: int = 5, hidden: int = 64, channels: int = 32):
+    def __init__(self, z_dim: int, blocks: int = 5, hidden: int = 64, channels: int = 32, image_size: int = 28):
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, channels, 5), nn.ReLU(), nn.MaxPool2d(2),            # 28 -> 24 -> 12
+            nn.Conv2d(1, channels, 5), nn.ReLU(), nn.MaxPool2d(2),            # 28 -> 24 -> 12 (50 -> 46 -> 23)
             *[BasicBlock(channels) for _ in range(blocks)],
-            nn.Conv2d(channels, 16, 5), nn.ReLU(), nn.Flatten())              # 12 -> 8
-        layers, width = [], 16 * 8 * 8
+            nn.Conv2d(channels, 16, 5), nn.ReLU(), nn.Flatten())              # 12 -> 8 (23 -> 19)
+        side = (image_size - 4) // 2 - 4
+        layers, width = [], 16 * side * side
         for _ in range(4):
             layers += [nn.Linear(width, hidden), nn.BatchNorm1d(hidden), nn.ELU()]
             width = hidden

@@ -162,7 +162,7 @@ class AutoNormalGuide(nn.Module):
 
 
 def _encoder_sizes(config) -> dict:
-    return dict(blocks=config.encoder_blocks, hidden=config.encoder_hidden)
+    return dict(blocks=config.encoder_blocks, hidden=config.encoder_hidden, image_size=config.image_size)
 
 
 @register_guide("resnet")

@@ -16,8 +16,11 @@ class Parts:
     present (B, T) bool or None: which pieces exist, for models that decide how many to draw
             (a sequential model's z_pres); None when every piece is always drawn
     labels  T names saying what piece t is ("part 1", "object 2", ...)
+    boxes   (B, T, 4) or None: (x0, y0, x1, y1) in canvas pixels, where piece t's patch or window
+            went (spatial.patch_box), for models that place pieces by an affine map
     """
     canvas: torch.Tensor
     placed: torch.Tensor
     labels: list[str]
     present: torch.Tensor | None = None
+    boxes: torch.Tensor | None = None

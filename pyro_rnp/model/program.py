@@ -4,6 +4,11 @@ Deterministic given z. Written once for any depth K: a program at level k runs
 ``steps`` times; each step emits a child state z_t and an action a_t; the child
 is a decoded patch at level 1 and, above it, the canvas of program z_t run one
 level down. Children are placed by their actions and summed.
+
+Sizes: the top level draws on the image's canvas (``image_size``, 50 for Multi-MNIST);
+every level below draws on a ``patch_size`` canvas (28), the size of the generated
+patches, so the generated networks do not grow with the scene. Placement works on
+[-1, 1] coordinates, so an action means the same whatever the two sizes.
 """
 from __future__ import annotations
 
@@ -41,7 +46,7 @@ class GeneratedNetworks:
         return F.elu(self.layer(name, torch.cat([h, e], dim=1)))
 
     def decode_patch(self, z: torch.Tensor) -> torch.Tensor:
-        """D(z): a 28x28 patch (flattened), non-negative: three hidden layers, the output layer, ReLU."""
+        """D(z): a patch (flattened, patch_size^2), non-negative: three hidden layers, the output layer, ReLU."""
         return self.programs.chain(("dec0", "dec1", "dec2", "dec3"), z, self.elu, elu_first=False, out="relu")
 
     def decode_action(self, h: torch.Tensor) -> torch.Tensor:
@@ -54,11 +59,12 @@ class ProgramNode:
     """One level of a parsed image, for a batch: what a program drew and how.
 
     Shapes use ``*B`` for the batch shape of z and T for ``steps``:
-      z (*B, z_dim); canvas (*B, 1, 28, 28), everything this program draws in its own frame;
-      theta (*B, T, 2, 3), where each child goes (canvas -> child coordinates, as affine_grid);
-      patches (*B, T, 1, 28, 28), each child's output before placement (a decoded leaf patch at
-      level 1, the child program's canvas above); placed (*B, T, 1, 28, 28), the same after
-      placement (they sum to canvas); predictions (*B, T, 1, 28, 28) or None, the program's own
+      z (*B, z_dim); canvas (*B, 1, S, S), everything this program draws in its own frame (S: the
+      image's side at the top level, the patch's below); theta (*B, T, 2, 3), where each child goes
+      (canvas -> child coordinates, as affine_grid); patches (*B, T, 1, P, P), each child's output
+      before placement (a decoded leaf patch at level 1, the child program's canvas above; P the
+      patch side); placed (*B, T, 1, S, S), the same after placement (they sum to canvas);
+      predictions (*B, T, 1, P, P) or None, the program's own
       guess D(z_t) of each child (levels above 1, kept for the part-level term);
       children: the T child programs (empty at level 1);
       child_z (*B, T, z_dim), the child program vectors z_t (at level 1: the leaf programs that the
@@ -85,7 +91,7 @@ class ProgramNode:
 
 @dataclass
 class ExecutorOutput:
-    canvas: torch.Tensor                 # (*B, 1, 28, 28)
+    canvas: torch.Tensor                 # (*B, 1, S, S), S the image's side
     part_term: torch.Tensor | None       # (*B,) sum over levels of the mean part error, if a target was given
     tree: ProgramNode | None             # the whole parse, if record=True
 
@@ -95,25 +101,25 @@ class ProgramExecutor(nn.Module):
 
     def __init__(self, z_dim: int, depth: int = 2, steps: int = 4, hidden: int = 64, embed: int = 32,
                  action_hidden: int = 32, scale_offset: float = 3.3, generated_activation: str = "elu",
-                 image_size: int = 28):
+                 image_size: int = 28, patch_size: int = 28):
         super().__init__()
         self.z_dim, self.depth, self.steps = z_dim, depth, steps
         self.scale_offset = scale_offset
-        self.image_size = image_size
+        self.image_size, self.patch_size = image_size, patch_size
         self.generated_activation = generated_activation
-        self.hypernet = HyperNetwork(z_dim, hidden, embed, action_hidden, image_size * image_size)
+        self.hypernet = HyperNetwork(z_dim, hidden, embed, action_hidden, patch_size * patch_size)
 
     @classmethod
     def from_config(cls, config) -> "ProgramExecutor":
         return cls(config.z_dim, config.depth, config.steps, config.hidden, config.embed, config.action_hidden,
-                   config.scale_offset, config.generated_activation, config.image_size)
+                   config.scale_offset, config.generated_activation, config.image_size, config.patch_size)
 
     def forward(self, z: torch.Tensor, target: torch.Tensor | None = None,
                 part_error: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
                 record: bool = False) -> ExecutorOutput:
         """Run the program tree from top-level programs z (*B, z_dim).
 
-        With ``target`` (broadcastable to (*B, 1, 28, 28)) and ``part_error(pred, target) -> (N,)``,
+        With ``target`` (broadcastable to (*B, 1, S, S)) and ``part_error(pred, target) -> (N,)``,
         every program above level 1 also scores its guess D(z_t) of each child against the
         target cropped by that child's action; those errors form ``part_term``.
         """
@@ -131,8 +137,12 @@ class ProgramExecutor(nn.Module):
             tree = _unflatten(tree, batch_shape)
         return ExecutorOutput(canvas, part_term, tree)
 
+    def _side(self, level: int) -> int:
+        """The side of the canvas a program at ``level`` draws on: the image's at the top, the patch's below."""
+        return self.image_size if level == self.depth else self.patch_size
+
     def _run(self, z, level, target, part_error, record):
-        n, size = z.shape[0], self.image_size
+        n, size, side = z.shape[0], self.patch_size, self._side(level)
         programs, action, patch = self.hypernet(z)
         nets = GeneratedNetworks(programs, self.generated_activation == "elu", like=self.hypernet.head)
         h_state, h_policy = nets.initial_state("state"), nets.initial_state("policy")
@@ -153,7 +163,7 @@ class ProgramExecutor(nn.Module):
                 child_target = None
                 if target is not None:
                     # the parent's own guess of its child's appearance, scored against the zoomed-in target
-                    child_target = crop(target, theta).detach()
+                    child_target = crop(target, theta, size).detach()
                     prediction = nets.decode_patch(h_state).view(n, 1, size, size)
                     errors.append(part_error(prediction, child_target))
                 elif record:
@@ -161,7 +171,7 @@ class ProgramExecutor(nn.Module):
                 child_canvas, child_term, child_tree = self._run(h_state, level - 1, child_target, part_error, record)
                 if child_term is not None:
                     child_terms.append(child_term)
-            placed = place(child_canvas, theta)
+            placed = place(child_canvas, theta, side)
             canvas = canvas + placed
             # the next step reads what this child drew: the leaf patch at level 1, the child's canvas above
             patch = child_canvas
@@ -189,7 +199,7 @@ class ProgramExecutor(nn.Module):
         return canvas, part_term, tree
 
     def draw(self, z: torch.Tensor, level: int | None = None) -> torch.Tensor:
-        """The canvas (N, 1, 28, 28) that programs z (N, z_dim) draw when run at ``level`` (default:
+        """The canvas (N, 1, S, S) that programs z (N, z_dim) draw when run at ``level`` (default:
         the top): how a part-level program looks on its own."""
         level = self.depth if level is None else level
         if not 1 <= level <= self.depth:

@@ -13,6 +13,8 @@ A model is a ``torch.nn.Module`` built from a run's config by ``build_model(conf
                                    "x"; with x=None it generates batch_size images
     reconstruct(x) -> (B, 1, H, W) the likelihood's mean image given inferred latents
     sample(n) -> (n, 1, H, W)      the likelihood's mean image of latents from the prior
+    particle_plate (optional)      False for a model whose guide cannot take an outer plate of
+                                   particles at dim -2: evaluation then repeats the batch
 
 and, where it has them (its entry's ``capabilities`` say which):
 
@@ -22,6 +24,10 @@ and, where it has them (its entry's ``capabilities`` say which):
                 (coloured figures)
     "programs"  parse(x) -> ProgramNode, sample_programs(n): program trees (parse,
                 clusters, interpolation, library and t-SNE figures)
+    "count"     count(x) -> (B,) int64: how many objects the model finds in each image
+                (AIR's z_pres), for count accuracy on Multi-MNIST
+    "memory"    slot_drawings(samples) -> (K, samples, 1, W, W) and address(x) -> (B, T), the slot
+                each step reads or -1 (DM-VAE's memory figure)
 
 ``load_run`` rebuilds whichever model a run trained; every command checks the
 capabilities it needs with ``require`` and refuses in one line naming the models
@@ -36,7 +42,7 @@ import torch.nn as nn
 
 from .config import RNPConfig
 
-CAPABILITIES = ("guide", "parts", "programs")
+CAPABILITIES = ("guide", "parts", "programs", "count", "memory")
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ import torch
 
 from .parts import Parts
 from .program import ProgramNode
+from .spatial import patch_box
 from .vae import ComponentVAE
 
 
@@ -49,7 +50,8 @@ class RNP(ComponentVAE):
         """The top-level parts of a parse or of sampled programs."""
         steps = tree.placed.shape[1]
         return Parts(canvas=self.likelihood.mean(tree.canvas), placed=tree.placed,
-                     labels=[f"part {t + 1}" for t in range(steps)])
+                     labels=[f"part {t + 1}" for t in range(steps)],
+                     boxes=patch_box(tree.theta, tree.canvas.shape[-1]))
 
     def _need_programs(self, what: str) -> None:
         if not self.has_parts:

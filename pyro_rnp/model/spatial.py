@@ -74,18 +74,34 @@ def _make_base_grid(height, width, dtype, device):
     return torch.stack([xs.repeat(height), ys.repeat_interleave(width), torch.ones_like(ys).repeat_interleave(width)])
 
 
-def warp(image: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Sample (N, 1, H, W) images at theta(canvas grid): bilinear, zeros outside; in at least float32."""
-    grid = affine_grid(theta, image.shape[-2], image.shape[-1])
+def warp(image: torch.Tensor, theta: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """Sample (N, 1, H, W) images at theta(canvas grid) on a size x size canvas (default H x W): bilinear,
+    zeros outside; in at least float32. Coordinates are on the [-1, 1] grid, so theta means the
+    same placement whatever the two sizes."""
+    height, width = (size, size) if size is not None else image.shape[-2:]
+    grid = affine_grid(theta, height, width)
     with torch.autocast(grid.device.type, enabled=False):
         return F.grid_sample(full_precision(image), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def place(patch: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Draw a (N, 1, H, W) patch onto an empty canvas of the same size under theta."""
-    return warp(patch, theta)
+def patch_box(theta: torch.Tensor, size: int) -> torch.Tensor:
+    """(..., 2, 3) theta -> (..., 4) the box (x0, y0, x1, y1), in pixels of a size x size canvas (0 at
+    the left and top edges), around the region where ``place(., theta, size)`` draws a patch: the
+    bounding box of the patch's corners mapped onto the canvas."""
+    inverse = invert_theta(full_precision(theta))
+    corners = theta.new_tensor([[-1.0, -1.0, 1.0], [1.0, -1.0, 1.0], [-1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    points = torch.einsum("...ij,kj->...ki", inverse, corners.to(inverse.dtype))  # (..., 4 corners, xy)
+    pixels = (points + 1) * size / 2
+    low, high = pixels.min(-2).values, pixels.max(-2).values
+    return torch.cat([low, high], -1)
 
 
-def crop(image: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Zoom into the region of ``image`` where ``place(., theta)`` puts a patch: place's inverse."""
-    return warp(image, invert_theta(theta))
+def place(patch: torch.Tensor, theta: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """Draw a (N, 1, H, W) patch onto an empty size x size canvas (default: the patch's size) under theta."""
+    return warp(patch, theta, size)
+
+
+def crop(image: torch.Tensor, theta: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """Zoom into the region of ``image`` where ``place(., theta)`` puts a patch, as a size x size window
+    (default: the image's size): place's inverse."""
+    return warp(image, invert_theta(theta), size)

@@ -58,16 +58,29 @@ class TraceELBOOnDevice(Trace_ELBO):
         return -elbo
 
 
-ELBOS = {"trace_elbo": TraceELBOOnDevice, "tracegraph_elbo": TraceGraph_ELBO}
+class TraceGraphELBOLoss(TraceGraph_ELBO):
+    """TraceGraph_ELBO as a differentiable loss: its value is -ELBO, its gradient that of Pyro's
+    surrogate loss (score-function terms with their downstream costs and baselines, plus the
+    baselines' squared error), as ``TraceGraph_ELBO.loss_and_grads`` would back-propagate."""
+
+    def differentiable_loss(self, model, guide, *args, **kwargs):
+        elbo, surrogate = self._loss_and_surrogate_loss(model, guide, args, kwargs)
+        return -elbo + (surrogate - surrogate.detach())
+
+
+ELBOS = {"trace_elbo": TraceELBOOnDevice, "tracegraph_elbo": TraceGraphELBOLoss}
 
 
 def make_optimizer(model: nn.Module, lr: float, head_lr_scale: float = 1.0) -> torch.optim.Optimizer:
-    """Adam; the hypernetworks' heads may take smaller steps than the rest (``head_lr_scale``).
+    """Adam; the hypernetworks' heads may take smaller steps than the rest (``head_lr_scale``), and a
+    model with an ``optimizer_groups(lr)`` method (AIR: its baselines) sets its own groups.
 
     Every generated weight sums the head over H's trunk units, so one Adam step (about
     lr per head element) moves it by up to lr * sum|h|: the head diverges at learning
     rates the rest of the model takes in its stride (the quick preset's choice is in config.py).
     """
+    if hasattr(model, "optimizer_groups"):
+        return torch.optim.Adam(model.optimizer_groups(lr), lr=lr, fused=True)
     heads = [m.head for m in model.modules() if isinstance(m, HyperNetwork)]
     rest = [p for p in model.parameters() if all(p is not head for head in heads) and p.requires_grad]
     groups = [{"params": rest, "lr": lr, "base_lr": lr}]
