@@ -2,7 +2,8 @@
 
 The numbers are defined in pyro_rnp/analysis/evaluate.py; on Multi-MNIST also the count
 accuracy (pyro_rnp/analysis/scenes.py), whose linear probe, for models without a count
-variable, is fitted on the first PROBE_SCENES training scenes.
+variable, is fitted on the first PROBE_SCENES training scenes; on Multi-MNIST and MNIST, for
+models with parts, the part purity.
 """
 from __future__ import annotations
 
@@ -49,9 +50,10 @@ def main(run_dir, iw_samples, limit, device, amp, data_dir, no_download, seed, a
             train = None if has(rnp, "count") else datasets.load_images(
                 "multi-mnist", "train", data_dir, not no_download, PROBE_SCENES).tensors
             result["count"] = count_accuracy(rnp, images, labels, train=train, seed=seed)
-            if has(rnp, "parts"):
-                digits = scene_digits(config, data_dir, not no_download)[:images.shape[0]]
-                result["part_purity"] = part_purity(rnp, images, digits, seed=seed)
+        if config.dataset in ("multi-mnist", "mnist") and has(rnp, "parts"):  # an MNIST image: one digit
+            digits = (scene_digits(config, data_dir, not no_download)[:images.shape[0]]
+                      if config.dataset == "multi-mnist" else labels.unsqueeze(1))
+            result["part_purity"] = part_purity(rnp, images, digits, seed=seed)
     result.update(run_dir=str(run_dir), dataset=config.dataset, split="test", seed=seed, amp=amp)
     write_result(run_dir, "eval.json", result)
     if as_json:
@@ -75,7 +77,7 @@ def main(run_dir, iw_samples, limit, device, amp, data_dir, no_download, seed, a
     if "part_purity" in result:
         purity = result["part_purity"]
         click.echo(f"part purity (NMI of {purity['identity']} with the digit): {purity['nmi']:.3f} over "
-                   f"{purity['parts']} parts in {purity['images']} one-digit scenes")
+                   f"{purity['parts']} parts in {purity['images']} one-digit images")
     click.echo(f"Written to {pathlib.Path(run_dir) / 'eval.json'}")
 
 

@@ -39,7 +39,8 @@ from .training.run import train_run
 CONFIG_FLAGS = {"dataset": "dataset", "preset": "schedule", "batch_size": "batch_size", "lr": "lr",
                 "head_lr_scale": "head_lr_scale", "model_name": "model",
                 "z_dim": "z_dim", "depth": "depth", "steps": "steps", "hidden": "hidden",
-                "likelihood": "likelihood", "seed": "seed", "limit": "limit", "exclude_classes": "exclude_classes",
+                "likelihood": "likelihood", "likelihood_scale": "likelihood_scale", "seed": "seed", "limit": "limit",
+                "exclude_classes": "exclude_classes",
                 "prior": "prior", "prior_components": "prior_components", "flow_layers": "flow_layers",
                 "guide": "guide", "guide_rank": "guide_rank", "decoder": "decoder", "plugins": "plugins"}
 
@@ -105,6 +106,8 @@ def write_figures(model, run_dir: pathlib.Path, x: torch.Tensor) -> None:
 @click.option("--hidden", type=click.IntRange(min=1), help="Width of the hypernetwork and generated layers [64].")
 @click.option("--likelihood", type=click.Choice(LIKELIHOODS),
               help="normal: Gaussian with sigma 0.5 (the paper's loss); bernoulli: binarised pixels [normal].")
+@click.option("--likelihood-scale", type=click.FloatRange(min=0, min_open=True),
+              help="sigma of --likelihood normal [0.5, the paper's; 0.3 on multi-mnist, AIR's].")
 @click.option("--prior", help="p(z): normal (paper), mog, vamp, flow, or one registered by a --plugin [normal].")
 @click.option("--prior-components", type=click.IntRange(min=1), help="K for --prior mog and vamp [16].")
 @click.option("--flow-layers", type=click.IntRange(min=1), help="Transforms in --prior flow and --guide resnet-iaf [2].")
@@ -143,9 +146,9 @@ def write_figures(model, run_dir: pathlib.Path, x: torch.Tensor) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
 def main(ctx, dataset, preset, epochs, batch_size, lr, head_lr_scale, z_dim, depth, steps, hidden, likelihood,
-         prior, prior_components, flow_layers, guide, guide_rank, model_name, decoder, plugins, source_dir,
-         device, seed, limit, exclude_classes, data_dir, no_download, run_dir, resume_dir, eval_limit, amp, compile_,
-         quiet):
+         likelihood_scale, prior, prior_components, flow_layers, guide, guide_rank, model_name, decoder, plugins,
+         source_dir, device, seed, limit, exclude_classes, data_dir, no_download, run_dir, resume_dir, eval_limit, amp,
+         compile_, quiet):
     """Train a model (a Recursive Neural Program by default) with SVI and write a run folder.
 
     Under torchrun (torchrun --nproc_per_node N -m pyro_rnp.fit ...) it trains with N processes:

@@ -162,3 +162,31 @@ def test_an_air_run_round_trips_through_load_run_and_every_command(tmp_path, mul
                           "--json"], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1])["n_images"] == 6
+
+
+def test_on_mnist_air_scales_its_prior_to_the_digit_and_evaluate_reports_part_purity(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from conftest import REPO
+    from pyro_rnp.model.config import RNPConfig
+    assert RNPConfig.preset("mnist", "quick", model="air").air_scale_mean == 1.4      # 28 / MNIST's 20-pixel box
+    assert RNPConfig.preset("multi-mnist", "quick", model="air").air_scale_mean == 3.0  # the tutorial's
+    assert RNPConfig.preset("mnist", "quick", model="air", air_scale_mean=2.0).air_scale_mean == 2.0
+    run_dir = tmp_path / "air-mnist"
+    env = dict(os.environ, PYRO_RNP_DATA=str(SHARED_DATA))
+    fit = [sys.executable, "-m", "pyro_rnp.fit", "--dataset", "mnist", "--model", "air", "--preset", "quick",
+           "--likelihood-scale", "0.3", "--limit", "64", "--epochs", "1", "--eval-limit", "32", "--batch-size", "16",
+           "--run-dir", str(run_dir), "--quiet"]
+    out = subprocess.run(fit, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    config = json.loads((run_dir / "config.json").read_text())["config"]
+    assert config["image_size"] == 28 and config["likelihood_scale"] == 0.3 and config["air_scale_mean"] == 1.4
+    out = subprocess.run([sys.executable, "-m", "pyro_rnp.evaluate", str(run_dir), "--limit", "40", "--json"],
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "count" not in result and result["likelihood"] == "normal(sigma=0.3)"
+    purity = result["part_purity"]   # NMI needs two parts; an untrained AIR may find fewer
+    assert purity["images"] == 40 and (purity["parts"] < 2 or 0 <= purity["nmi"] <= 1), purity

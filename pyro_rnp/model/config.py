@@ -44,7 +44,9 @@ class RNPConfig:
     max_parts: int = 3                # steps T
     z_what_dim: int = 50              # each object's appearance code
     z_pres_prior: float = 0.01        # rho: P(z_pres_t = 1 | z_pres_{t-1} = 1) (the AIR tutorial's)
-    air_scale_mean: float = 3.0       # z_where prior: scale ~ N(air_scale_mean, air_scale_sd),
+    air_scale_mean: float | None = None  # z_where prior: scale ~ N(air_scale_mean, air_scale_sd); None: 3 on
+                                      #   50x50 scenes (the tutorial's: a window 1/3 of the scene), 1.4 on 28x28
+                                      #   images (our choice: a window as wide as MNIST's 20-pixel digit box),
     air_scale_sd: float = 0.2         #   x, y ~ N(0, air_position_sd) (sd 0.2: the tutorial's; the example's is 0.1)
     air_position_sd: float = 1.0
     air_lstm: int = 256               # the guide's LSTM cell (and the baseline's)
@@ -131,6 +133,8 @@ class RNPConfig:
             object.__setattr__(self, "decoder", "mlp")
         if self.image_size is None:
             object.__setattr__(self, "image_size", IMAGE_SIZE[self.dataset])
+        if self.air_scale_mean is None:
+            object.__setattr__(self, "air_scale_mean", 3.0 if self.image_size >= 50 else 1.4)
         object.__setattr__(self, "exclude_classes", tuple(int(c) for c in self.exclude_classes))
         object.__setattr__(self, "plugins", tuple(str(p) for p in self.plugins))
 
