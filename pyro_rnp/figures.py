@@ -6,6 +6,10 @@
     clusters     (Fig. 4b) k-means clusters of programs at each level
     interpolate  (Fig. 4c) straight lines between cluster centres, decoded
     library      the learned primitive library and how often parses use each primitive
+    memory       DM-VAE's memory: what each slot draws, and how often it is read
+    basis        the sparse AND-OR generator's dictionary: what one active unit of each layer draws
+    primitives   every model: its primitives and their template-matching (interpretability) score
+                 against the first TEMPLATE_IMAGES training images (pyro_rnp/analysis/interpretability.py)
 """
 from __future__ import annotations
 
@@ -16,15 +20,17 @@ import click
 import torch
 
 from .analysis import program_space
+from .analysis.interpretability import DRAWN_FROM, plot_basis, plot_primitives
 from .analysis.plots import plot_parse, plot_samples
 from .analysis.scenes import plot_memory
 from .cli import analysis_options, held_out, open_run, run, write_result
 from .model.registry import has
 from .training.step import mixed_precision
 
-FIGURES = ("parse", "samples", "tsne", "clusters", "interpolate", "library", "memory")
+FIGURES = ("parse", "samples", "tsne", "clusters", "interpolate", "library", "memory", "basis", "primitives")
 NEEDS = {"parse": "programs", "tsne": "programs", "clusters": "programs", "interpolate": "programs",
-         "library": "programs", "memory": "memory"}  # what a model must have for each figure
+         "library": "programs", "memory": "memory", "basis": "basis"}  # what a model must have for each figure
+TEMPLATE_IMAGES = 100  # training images the primitives are matched against
 
 
 @click.command(name="pyro_rnp.figures", context_settings={"help_option_names": ["-h", "--help"]})
@@ -50,7 +56,7 @@ def main(run_dir, which, n_images, device, amp, data_dir, no_download, limit, cl
     if lacking and which is None:  # by default, every figure the model has
         names = [name for name in names if name not in lacking]
     elif lacking:
-        what = {"programs": "program trees", "memory": "memory of slots"}
+        what = {"programs": "program trees", "memory": "memory of slots", "basis": "generator dictionary"}
         missing = sorted({what[NEEDS[name]] for name in lacking})
         raise click.BadParameter(f"the run's model ({config.model}) has no {' or '.join(missing)}, so it has no "
                                  f"{', '.join(lacking)} figure; it has: "
@@ -71,6 +77,24 @@ def main(run_dir, which, n_images, device, amp, data_dir, no_download, limit, cl
             x = held_out(config, data_dir, not no_download, tsne_images)[0].to(torch_device)
             path, summaries["memory"] = plot_memory(rnp, x, folder / "memory.png")
             written.append(path)
+        if "basis" in names:
+            x = held_out(config, data_dir, not no_download, DRAWN_FROM)[0].to(torch_device)
+            path, summaries["basis"] = plot_basis(rnp, x, folder / "basis.png")
+            written.append(path)
+        if "primitives" in names:
+            from . import data as datasets
+            x = held_out(config, data_dir, not no_download, DRAWN_FROM)[0].to(torch_device)
+            train = datasets.load_images(config.dataset, "train", data_dir, not no_download, TEMPLATE_IMAGES,
+                                         config.exclude_classes).tensors[0]
+            path, scores = plot_primitives(rnp, x, train, folder / "primitives.png")
+            summaries["interpretability"] = {"method": "mean best normalised cross-correlation (skimage "
+                                             "match_template) of each primitive's ink crop in each of the first "
+                                             f"{TEMPLATE_IMAGES} training images; primitives drawn from the first "
+                                             f"{DRAWN_FROM} held-out images", **scores}
+            written.append(path)
+            for kind, score in scores.items():
+                click.echo(f"interpretability of {kind}: {score['score']:.3f} ({score['primitives']} primitives, "
+                           f"{score['images']} training images)")
         if "tsne" in names:
             x = held_out(config, data_dir, not no_download, tsne_images)[0].to(torch_device)
             path, summaries["tsne"] = program_space.plot_tsne(rnp, x, folder / "tsne.png", seed)

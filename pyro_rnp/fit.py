@@ -26,7 +26,7 @@ from .cli import (ClassList, StopRequest, check_amp, data_options, fast_path_ena
 from .data import DATASETS
 from .fast import prepare_process_for_training
 from .model import components
-from .model.config import LIKELIHOODS, SCHEDULES, RNPConfig
+from .model.config import LIKELIHOODS, SCHEDULES, SPARSITIES, RNPConfig
 from .model.likelihoods import make_likelihood
 from .model.registry import model_entry, model_names
 from .training.distributed import Context, broadcast_from_main, sum_across, teardown
@@ -42,7 +42,8 @@ CONFIG_FLAGS = {"dataset": "dataset", "preset": "schedule", "batch_size": "batch
                 "likelihood": "likelihood", "likelihood_scale": "likelihood_scale", "seed": "seed", "limit": "limit",
                 "exclude_classes": "exclude_classes",
                 "prior": "prior", "prior_components": "prior_components", "flow_layers": "flow_layers",
-                "guide": "guide", "guide_rank": "guide_rank", "decoder": "decoder", "plugins": "plugins"}
+                "guide": "guide", "guide_rank": "guide_rank", "decoder": "decoder", "plugins": "plugins",
+                "sparsity": "sparsity"}
 
 
 def train(config: RNPConfig, run_dir: pathlib.Path, device: torch.device, data_dir=None, download: bool = True,
@@ -119,6 +120,8 @@ def write_figures(model, run_dir: pathlib.Path, x: torch.Tensor) -> None:
               + "; or one registered by a --plugin [rnp].")
 @click.option("--decoder", help="The rnp model's decoder: rnp (the program executor) or one registered by a "
               "--plugin; mlp is --model vae [rnp].")
+@click.option("--sparsity", type=click.Choice(SPARSITIES), help="The sparse-andor model's generator: top-k "
+              "(the paper's) or none (its ablation: the same network without top-k) [top-k].")
 @click.option("--plugin", "plugins", multiple=True,
               help="A .py file or module that registers priors, guides, decoders or models (repeatable); recorded "
                    "in the run so that load_run imports it again.")
@@ -146,8 +149,8 @@ def write_figures(model, run_dir: pathlib.Path, x: torch.Tensor) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
 def main(ctx, dataset, preset, epochs, batch_size, lr, head_lr_scale, z_dim, depth, steps, hidden, likelihood,
-         likelihood_scale, prior, prior_components, flow_layers, guide, guide_rank, model_name, decoder, plugins,
-         source_dir, device, seed, limit, exclude_classes, data_dir, no_download, run_dir, resume_dir, eval_limit, amp,
+         likelihood_scale, prior, prior_components, flow_layers, guide, guide_rank, model_name, decoder, sparsity,
+         plugins, source_dir, device, seed, limit, exclude_classes, data_dir, no_download, run_dir, resume_dir, eval_limit, amp,
          compile_, quiet):
     """Train a model (a Recursive Neural Program by default) with SVI and write a run folder.
 

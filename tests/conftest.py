@@ -69,6 +69,15 @@ def fashion_images() -> torch.Tensor:
 
 
 @pytest.fixture(scope="session")
+def mnist_images() -> torch.Tensor:
+    """The first 256 MNIST training images, (256, 1, 28, 28) in [0, 1]."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} not found")
+    from pyro_rnp.data import load_images
+    return load_images("mnist", "train", SHARED_DATA, download=False, limit=256).tensors[0]
+
+
+@pytest.fixture(scope="session")
 def multi_mnist_scenes():
     """A 64-scene Multi-MNIST build from MNIST's training digits (Pyro's generator): (images (64, 1, 50, 50),
     digit counts (64,), digit labels (64, 2) padded with -1)."""

@@ -42,8 +42,8 @@ def test_the_registry_builds_each_model_with_its_capabilities():
     assert has(vae, "guide") and not has(vae, "parts") and not has(vae, "programs")
     with pytest.raises(ValueError, match="needs a model with program trees.*it works on: rnp"):
         require(vae, "programs", "the parse figure")
-    with pytest.raises(ValueError, match="unknown model 'sparse-andor'"):
-        build_model(tiny_config(model="sparse-andor"))
+    with pytest.raises(ValueError, match="unknown model 'glom'"):
+        build_model(tiny_config(model="glom"))
 
 
 def test_every_model_provides_the_protocol(fashion_images):

@@ -51,7 +51,10 @@ def evaluate(rnp, images: torch.Tensor, labels: torch.Tensor | None = None, iw_s
     was_training = rnp.training
     rnp.eval()
     n = images.shape[0]
-    per_batch = batch_size or max(1, MAX_PROGRAMS // min(iw_samples, MAX_PROGRAMS))
+    # a model whose guide infers each image by an inner loop (the sparse AND-OR generator's Langevin)
+    # names its own batch: its inference is the cost, not the importance samples
+    per_batch = batch_size or getattr(rnp, "evaluation_batch", None) or max(1, MAX_PROGRAMS // min(iw_samples,
+                                                                                                  MAX_PROGRAMS))
     chunk = max(1, MAX_PROGRAMS // per_batch)  # particles per pass
     elbo, iwae, se = (torch.empty(n, dtype=torch.float64) for _ in range(3))
     try:

@@ -6,6 +6,7 @@ from .config import RNPConfig
 from .dmvae import DMVAE
 from .registry import register_model
 from .rnp import RNP
+from .sparse_andor import SparseAndOr
 from .vae import VAE
 
 
@@ -35,3 +36,12 @@ def _dmvae(config: RNPConfig, **modules) -> DMVAE:
     if modules:
         raise ValueError(f"the dmvae model has no swappable components (got {', '.join(modules)})")
     return DMVAE(config)
+
+
+@register_model("sparse-andor", "the sparse AND-OR generator (Xing et al.): a top-k sparse convolutional generator "
+                "learned without an encoder by alternating back-propagation (Langevin inference)",
+                capabilities=("guide", "basis"))
+def _sparse_andor(config: RNPConfig, **modules) -> SparseAndOr:
+    if modules:
+        raise ValueError(f"the sparse-andor model has no swappable components (got {', '.join(modules)})")
+    return SparseAndOr(config)

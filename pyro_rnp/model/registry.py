@@ -26,6 +26,8 @@ and, where it has them (its entry's ``capabilities`` say which):
                 clusters, interpolation, library and t-SNE figures)
     "count"     count(x) -> (B,) int64: how many objects the model finds in each image
                 (AIR's z_pres), for count accuracy on Multi-MNIST
+    "basis"     basis_functions(layer, images) -> (C, 1, H, W): what one active unit of a generator
+                layer draws (the sparse AND-OR generator's dictionary)
     "memory"    slot_drawings(samples) -> (K, samples, 1, W, W) and address(x) -> (B, T), the slot
                 each step reads or -1 (DM-VAE's memory figure)
 
@@ -42,7 +44,7 @@ import torch.nn as nn
 
 from .config import RNPConfig
 
-CAPABILITIES = ("guide", "parts", "programs", "count", "memory")
+CAPABILITIES = ("guide", "parts", "programs", "count", "memory", "basis")
 
 
 @dataclass(frozen=True)

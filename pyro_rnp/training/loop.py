@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .distributed import Context, any_across, shard, sum_across
-from .step import TrainStep
+from .step import AlternatingBackpropStep, TrainStep
 
 MAX_BAD_STEPS = 20  # consecutive non-finite losses before giving up
 SYNC_EVERY = 10     # steps between reads of the loss and finiteness (each read waits for the device)
@@ -81,7 +81,7 @@ class TrainingLoop:
     first few timed steps, so the caller can say how long training will take.
     """
 
-    def __init__(self, step: TrainStep, images: torch.Tensor, batch_size: int, seed: int = 0,
+    def __init__(self, step: TrainStep | AlternatingBackpropStep, images: torch.Tensor, batch_size: int, seed: int = 0,
                  shuffle: bool = True, context: Context = Context(), device: torch.device | None = None,
                  progress: bool = True, label: str = "epoch", hint: str = "",
                  on_rate: Callable[[float, int], None] | None = None):
@@ -119,8 +119,9 @@ class TrainingLoop:
                        initial=first, total=self.batches)
             epoch_start, timed_from = time.perf_counter(), None
             for b in bar:
-                x = self.images[shard(order, b, self.per_process, context)].to(device, non_blocking=True)
-                loss, applied = self.step(x, step)
+                rows = shard(order, b, self.per_process, context)
+                x = self.images[rows].to(device, non_blocking=True)
+                loss, applied = self.step(x, step, index=rows)
                 step += 1
                 # kept on the device: reading them waits for the step, so they are read every SYNC_EVERY
                 total_loss += torch.where(applied, loss, zero)

@@ -23,7 +23,7 @@ from .distributed import Context, sync_batch_norms
 from .loop import EpochSummary, Position, TrainingLoop, batching, diverged
 from .runs import (CHECKPOINT, append_metrics, load_checkpoint, load_state, save_checkpoint, set_rng_state,
                    write_config)
-from .step import TrainStep, make_optimizer
+from .step import AlternatingBackpropStep, TrainStep, make_optimizer
 
 Scores = Callable[[torch.nn.Module, torch.Tensor], dict]   # (model, held-out images) -> {"neg_elbo", "mse", ...}
 Figures = Callable[[torch.nn.Module, pathlib.Path, torch.Tensor], None]  # (model, run folder, a few images)
@@ -87,8 +87,12 @@ def train_run(config: RNPConfig, run_dir: pathlib.Path, device: torch.device, sc
     plan = batching(train_images.shape[0], config.batch_size, context)
     per_process, global_batch = plan.per_process, plan.global_batch
     total_steps = config.epochs * plan.batches
-    step = TrainStep(model, optimizer, config.grad_clip, config.lr_warmup_steps, config.lr_schedule,
-                     total_steps=total_steps, context=context, amp=config.amp, fast=fast)
+    if getattr(model, "objective", None) == "alternating_backprop":  # no guide to train: Langevin, then g
+        step = AlternatingBackpropStep(model, optimizer, train_images.shape[0], config.grad_clip,
+                                       config.lr_warmup_steps, config.lr_schedule, total_steps, context)
+    else:
+        step = TrainStep(model, optimizer, config.grad_clip, config.lr_warmup_steps, config.lr_schedule,
+                         total_steps=total_steps, context=context, amp=config.amp, fast=fast)
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "figures").mkdir(exist_ok=True)

@@ -91,7 +91,31 @@ def make_optimizer(model: nn.Module, lr: float, head_lr_scale: float = 1.0) -> t
     return torch.optim.Adam(groups, lr=lr, fused=True)
 
 
-class TrainStep:
+class LearningRateSchedule:
+    """The learning rate of step ``step``: a linear warm-up over ``warmup_steps``, then constant or a cosine
+    decay to 0 at ``total_steps``; ``set_lr_for`` applies it to every group's ``base_lr``."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, warmup_steps: int = 0, schedule: str = "constant",
+                 total_steps: int | None = None):
+        self.optimizer, self.warmup_steps, self.schedule, self.total_steps = (
+            optimizer, warmup_steps, schedule, total_steps)
+
+    def lr_scale(self, step: int) -> float:
+        """Linear warm-up over the first warmup_steps; then constant, or a cosine decay to 0 at total_steps."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.schedule == "cosine" and self.total_steps:
+            progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    def set_lr_for(self, step: int) -> None:
+        scale = self.lr_scale(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group.setdefault("base_lr", group["lr"]) * scale
+
+
+class TrainStep(LearningRateSchedule):
     """Stochastic variational inference: one gradient step of the model's ELBO on a batch.
 
     The loss is -ELBO (plus the RNP's part-level regulariser) summed over the batch, as
@@ -112,8 +136,8 @@ class TrainStep:
                  warmup_steps: int = 0, schedule: str = "constant", total_steps: int | None = None,
                  frozen: tuple[torch.nn.Module, ...] = (), context: Context = Context(), amp: str | None = None,
                  fast: bool = True):
+        super().__init__(optimizer, warmup_steps, schedule, total_steps)
         self.rnp = rnp
-        self.optimizer = optimizer
         self.grad_clip = grad_clip
         objective = getattr(rnp, "objective", "trace_elbo")
         if objective not in ELBOS:
@@ -130,33 +154,18 @@ class TrainStep:
             # a user's component may leave parameters unused (a point-mass guide ignores its scale head)
             self.loss = DistributedDataParallel(self.loss, device_ids=[device] if device.type == "cuda" else None,
                                                 find_unused_parameters=True)
-        self.warmup_steps = warmup_steps
-        self.schedule = schedule
         self.frozen = frozen  # submodules kept in eval mode (their parameters are not trained)
-        self.total_steps = total_steps
         self.params = [p for p in rnp.parameters() if p.requires_grad]
         # the buffers a forward pass moves (batch-norm statistics), kept to undo a step that is not applied
         self.buffers = [b for m in rnp.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
                         for b in m.buffers()]
 
-    def lr_scale(self, step: int) -> float:
-        """Linear warm-up over the first warmup_steps; then constant, or a cosine decay to 0 at total_steps."""
-        if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
-        if self.schedule == "cosine" and self.total_steps:
-            progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-
-    def set_lr_for(self, step: int) -> None:
-        scale = self.lr_scale(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = group.setdefault("base_lr", group["lr"]) * scale
-
-    def __call__(self, x: torch.Tensor, step: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, x: torch.Tensor, step: int = 0, index: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (loss summed over the batch, detached; whether the update was applied), both
         0-dim tensors on x's device: with the fused optimizer and validation off (as on CUDA),
-        nothing here waits for the device."""
+        nothing here waits for the device. ``index`` (the images' rows in the training set) is
+        not needed: the guide is amortized."""
         self.rnp.train()
         for module in self.frozen:
             module.eval()
@@ -223,3 +232,45 @@ def state_finite(module: torch.nn.Module) -> bool:
     """Whether every parameter and floating-point buffer (batch-norm statistics) is finite."""
     tensors = [*module.parameters(), *(b for b in module.buffers() if b.is_floating_point())]
     return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+class AlternatingBackpropStep(LearningRateSchedule):
+    """Alternating back-propagation (the sparse AND-OR generator's Algorithm 1, without its critic): for a
+    batch x with rows ``index`` of the training set, ``langevin_steps`` Langevin updates of those images'
+    persistent latents on log p(z, x) (the model's ``langevin``), stored back; then one optimizer step of
+    the generator on -log p(z, x) summed over the batch, at the updated latents.
+
+    The loss returned is that -log p(z, x) (nats per batch, not an ELBO). A non-finite loss skips the
+    generator's update and keeps the latents as they were. Gradients are clamped element-wise to
+    +-grad_clip when it is positive."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, training_images: int,
+                 grad_clip: float = 0.0, warmup_steps: int = 0, schedule: str = "constant",
+                 total_steps: int | None = None, context: Context = Context()):
+        super().__init__(optimizer, warmup_steps, schedule, total_steps)
+        if context.active:
+            raise ValueError("alternating back-propagation keeps one latent per training image in one process; "
+                             "train it without torchrun")
+        self.rnp, self.grad_clip, self.context = model, grad_clip, context
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        model.ensure_train_latents(training_images)
+
+    def __call__(self, x: torch.Tensor, step: int = 0, index: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        if index is None:
+            raise ValueError("alternating back-propagation needs the images' rows in the training set (index)")
+        model = self.rnp
+        model.train()
+        self.set_lr_for(step)
+        index = index.to(model.train_latents.device)
+        z = model.langevin(model.train_latents[index], x, model.config.langevin_steps)
+        self.optimizer.zero_grad(set_to_none=False)
+        loss = -model.log_joint(z, x).sum()
+        finite = torch.isfinite(loss.detach()) & torch.isfinite(z).all()
+        torch.where(finite, loss, torch.zeros_like(loss)).backward()
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grad_value_(self.params, self.grad_clip)
+        if bool(finite):
+            self.optimizer.step()
+            model.train_latents[index] = z
+        return loss.detach(), finite

@@ -1,0 +1,131 @@
+"""One interpretability score for every model's primitives: the sparse AND-OR paper's template matching.
+
+A model's primitives, drawn as images (``model_primitives``):
+  rnp           "parts": each top-level part placed on the canvas, and "leaves": each leaf patch in its
+                own frame (the leaf program's decoded drawing), parsed from the first images given;
+  air, dmvae    "parts": each present object's window placed on the canvas;
+  vae           "decoder units": decode(2 e_j) - decode(0) for every latent unit j;
+  sparse-andor  "layer 3 basis functions" (the paper's Table 4 layer): what one active unit of
+                the layer draws, minus what the generator draws from nothing (its biases).
+Each drawing is cropped to its ink (the box of pixels whose magnitude passes INK of its largest;
+a drawing with no spread is dropped), and the score is the mean, over the first MAX_PRIMITIVES
+primitives and the ``images`` given (training images), of the best normalised cross-correlation of
+the crop anywhere in the image (scikit-image's ``match_template``): 1 for a primitive that is a
+patch of an image, near 0 for noise.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from skimage.feature import match_template
+
+from ..model.registry import has
+
+INK = 0.2             # a drawing's pixels with |value| >= INK * its largest |value| make its crop
+MAX_PRIMITIVES = 64   # primitives scored per kind (the first ones)
+DRAWN_FROM = 16       # images parsed for the primitives of the models with parts
+
+
+def crop_to_ink(drawing: np.ndarray) -> np.ndarray | None:
+    """The smallest box of ``drawing`` (H, W) holding every pixel with |value| >= INK * max |value|, or
+    None if the crop is constant (a template without spread has no correlation)."""
+    magnitude = np.abs(drawing)
+    if magnitude.max() <= 0:
+        return None
+    rows, cols = np.nonzero(magnitude >= INK * magnitude.max())
+    crop = drawing[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    return crop if crop.std() > 1e-8 else None
+
+
+def template_matching_score(drawings: torch.Tensor, images: torch.Tensor) -> dict:
+    """drawings (P, H, W) or (P, 1, H, W), images (M, H, W) or (M, 1, H', W') -> {"score": the mean over
+    the kept primitives and the images of the best NCC of the primitive's ink crop in the image,
+    "per_primitive": each primitive's mean over the images, "primitives": how many were kept (at most
+    MAX_PRIMITIVES, those with ink), "images": M}."""
+    drawings = drawings.detach().float().cpu().reshape(drawings.shape[0], *drawings.shape[-2:]).numpy()
+    images = images.detach().float().cpu().reshape(images.shape[0], *images.shape[-2:]).numpy()
+    templates = [t for t in (crop_to_ink(d) for d in drawings[:MAX_PRIMITIVES]) if t is not None]
+    if not templates:
+        return {"score": float("nan"), "per_primitive": [], "primitives": 0, "images": int(images.shape[0])}
+    per_primitive = [float(np.mean([match_template(image, template).max() for image in images]))
+                     for template in templates]
+    return {"score": float(np.mean(per_primitive)), "per_primitive": per_primitive,
+            "primitives": len(templates), "images": int(images.shape[0])}
+
+
+@torch.no_grad()
+def model_primitives(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """{kind: drawings (P, H, W)} of the model's primitives (the module docstring), from images x (N, 1, H, W)
+    (the first DRAWN_FROM are parsed; the sparse AND-OR generator infers its unit strengths from them)."""
+    was_training = model.training
+    model.eval()
+    try:
+        x = x[:DRAWN_FROM]
+        if has(model, "basis"):
+            return {"layer 3 basis functions": model.basis_functions(3, x)[:, 0]}
+        if has(model, "programs"):
+            tree = model.parse(x)
+            leaves = torch.cat([node.patches.flatten(0, 1) for node in tree.levels()[-1]])
+            return {"parts": tree.placed.flatten(0, 1)[:, 0], "leaves": leaves[:, 0]}
+        if has(model, "parts"):
+            parts = model.parts(x)
+            present = parts.present if parts.present is not None else torch.ones(parts.placed.shape[:2], dtype=bool)
+            return {"parts": parts.placed[present.to(parts.placed.device)][:, 0]}
+        if hasattr(model, "decode"):  # a decoder from a latent vector: what each unit draws
+            z_dim = model.config.z_dim
+            z = torch.cat([torch.zeros(1, z_dim), 2 * torch.eye(z_dim)]).to(x.device)
+            canvas = model.likelihood.mean(model.decode(z, record=False).canvas)
+            return {"decoder units": (canvas[1:] - canvas[:1])[:, 0]}
+    finally:
+        model.train(was_training)
+    raise ValueError(f"the {model.config.model} model draws no primitives that this score knows")
+
+
+def interpretability(model, x: torch.Tensor, images: torch.Tensor) -> dict:
+    """{kind: template_matching_score(...) without per_primitive, plus "drawn_from"} for the model's
+    primitives drawn from x and matched against ``images``."""
+    result = {}
+    for kind, drawings in model_primitives(model, x).items():
+        score = template_matching_score(drawings, images)
+        score.pop("per_primitive")
+        result[kind] = {**score, "drawn_from": int(min(DRAWN_FROM, x.shape[0]))}
+    return result
+
+
+def _normalised(drawings: torch.Tensor) -> np.ndarray:
+    """(P, H, W) drawings, each stretched to [0, 1] for display (a basis function is a signed difference)."""
+    d = drawings.detach().float().cpu()
+    low, high = d.flatten(1).amin(1)[:, None, None], d.flatten(1).amax(1)[:, None, None]
+    return ((d - low) / (high - low).clamp_min(1e-8)).numpy()
+
+
+def plot_primitives(model, x: torch.Tensor, images: torch.Tensor, path, columns: int = 12) -> tuple:
+    """The first ``columns`` primitives of each kind (model_primitives), each stretched to [0, 1], with the
+    kind's template-matching score in its label -> (path, interpretability(model, x, images))."""
+    from .plots import image_grid
+    drawings = model_primitives(model, x)
+    scores = {}
+    rows = []
+    for kind, d in drawings.items():
+        score = template_matching_score(d, images)
+        score.pop("per_primitive")
+        scores[kind] = {**score, "drawn_from": int(min(DRAWN_FROM, x.shape[0]))}
+        rows.append((f"{kind}\nscore {score['score']:.2f}", _normalised(d[:columns])))
+    path = image_grid(rows, path, f"primitives ({model.config.model}): template-matching score against "
+                                  f"{images.shape[0]} training images")
+    return path, scores
+
+
+@torch.no_grad()
+def plot_basis(model, x: torch.Tensor, path, units: int = 12) -> tuple:
+    """The AND-OR dictionary: for every layer of the sparse generator, what one active unit draws (its
+    ``units`` strongest channels, by their mean largest activation on images x) -> (path, summary)."""
+    from .plots import image_grid
+    rows, summary = [], {}
+    for layer in model.generator.LAYERS:
+        d = model.basis_functions(layer, x, units)[:, 0]
+        rows.append((f"layer {layer}", _normalised(d)))
+        summary[f"layer {layer}"] = {"units_drawn": int(d.shape[0])}
+    title = (f"basis functions ({'top-k sparse' if model.generator.sparse else 'dense'} generator): "
+             "what one active unit draws")
+    return image_grid(rows, path, title), summary

@@ -1,0 +1,262 @@
+"""The sparse AND-OR generator (Xing, Wu, Zhu, Wu): a convolutional generator made interpretable by
+top-k sparsity, learned without an encoder by alternating back-propagation.
+
+Model, per image (``model``):
+
+    z ~ Normal(0, I_{z_dim})                         site "z", in the "data" plate
+    x ~ likelihood(g(z))                             site "x" (Normal(g(z), sigma) per pixel)
+
+The generator g, scaled from the paper's 64x64 colour table to C x C grey images (S = C):
+
+    | layer | what                                                   | top-k sparsity (``sparsity="top-k"``)       |
+    | 1     | fully connected z -> 4w x ceil(S/4) x ceil(S/4)         | at each position, the k_fc largest channels  |
+    | 2     | conv 3x3 4w, conv 3x3 4w at ceil(S/4)                   | in each channel, a quarter of the positions |
+    | 3     | nearest x2, conv 3x3 2w, conv 3x3 2w at ceil(S/2)       | in each channel, a quarter of the positions |
+    | 4     | nearest x2, conv 3x3 w, conv 3x3 w at S                 | none (as the paper's last block)             |
+    | out   | conv 3x3 1, sigmoid (the paper's tanh, for [0, 1] pixels) |                                            |
+
+(w = ``andor_width``; the paper's 4x4 -> 64x64 has four upsamplings and three sparse conv
+blocks, ours 7 -> 28 (13 -> 50) two and two; its k at each conv block is a quarter of the
+positions, which ``andor_k_fraction`` keeps.) Every activation is a ReLU followed by the
+layer's top-k: the kept units pass their values and gradients, the others are zero.
+
+Learning (the paper's Algorithm 1, without its critic): every training image keeps its own
+latent (``train_latents``, persistent across epochs); a step runs ``langevin_steps`` of
+
+    z <- z + (delta^2 / 2) d/dz log p(z, x) + delta * eps,        eps ~ N(0, I)
+
+on the batch's latents, with log p(z, x) read from this module's Pyro model (``log_joint``),
+stores them, and takes one Adam step of the generator on -log p(z, x) at those latents
+(pyro_rnp/training/step.py, ``AlternatingBackpropStep``).
+
+The guide is not amortized: for held-out images it runs Langevin from z = 0 for
+``infer_steps`` (noise-free gradient ascent the first half, then Langevin), then keeps
+``proposal_samples`` further Langevin states and returns q(z | x) = Normal(their mean, their
+standard deviation), one Gaussian per image fitted around the inferred latent. Any proposal
+gives an importance-sampling bound, so evaluate's -ELBO and IWAE are honest bounds on
+-log p(x) (tests check them against a linear-Gaussian generator's exact likelihood).
+"""
+from __future__ import annotations
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pyro import poutine
+
+from .config import RNPConfig
+from .likelihoods import make_likelihood
+
+
+def top_k_channels(h: torch.Tensor, k: int) -> torch.Tensor:
+    """h (N, C, H, W) with, at every position, all but the k largest of the C channel entries zeroed.
+    The mask is a constant: gradients reach only the kept entries."""
+    if k >= h.shape[1]:
+        return h
+    mask = torch.zeros_like(h).scatter_(1, h.topk(k, dim=1).indices, 1.0)
+    return h * mask
+
+
+def top_k_positions(h: torch.Tensor, k: int) -> torch.Tensor:
+    """h (N, C, H, W) with, in every channel, all but its k largest positions zeroed (gradients reach
+    only the kept ones)."""
+    n, c, height, width = h.shape
+    if k >= height * width:
+        return h
+    flat = h.reshape(n, c, height * width)
+    mask = torch.zeros_like(flat).scatter_(2, flat.topk(k, dim=2).indices, 1.0)
+    return (flat * mask).reshape(n, c, height, width)
+
+
+class SparseGenerator(nn.Module):
+    """g(z): (*B, z_dim) -> (*B, 1, S, S) in (0, 1), the table in the module docstring.
+
+    ``layers`` names what the figures draw: layer 1 (the fully connected map), 2 and 3 (the
+    sparse conv blocks), 4 (the dense block). ``forward_from(layer, h)`` runs the layers after
+    ``layer`` on its activation h, so a single active unit can be drawn."""
+
+    LAYERS = (1, 2, 3, 4)
+
+    def __init__(self, z_dim: int, image_size: int, width: int, sparse: bool, k_fc: int, k_fraction: float):
+        super().__init__()
+        self.z_dim, self.image_size, self.sparse = z_dim, image_size, sparse
+        self.sizes = (math.ceil(image_size / 4), math.ceil(image_size / 2), image_size)
+        self.channels = (4 * width, 4 * width, 2 * width, width)
+        self.k_fc = k_fc
+        self.k_positions = tuple(max(1, round(k_fraction * s * s)) for s in self.sizes[:2])
+        s0 = self.sizes[0]
+        self.fc = nn.Linear(z_dim, self.channels[0] * s0 * s0)
+        self.block2 = nn.ModuleList([nn.Conv2d(self.channels[0], self.channels[1], 3, padding=1),
+                                     nn.Conv2d(self.channels[1], self.channels[1], 3, padding=1)])
+        self.block3 = nn.ModuleList([nn.Conv2d(self.channels[1], self.channels[2], 3, padding=1),
+                                     nn.Conv2d(self.channels[2], self.channels[2], 3, padding=1)])
+        self.block4 = nn.ModuleList([nn.Conv2d(self.channels[2], self.channels[3], 3, padding=1),
+                                     nn.Conv2d(self.channels[3], self.channels[3], 3, padding=1)])
+        self.out = nn.Conv2d(self.channels[3], 1, 3, padding=1)
+
+    def _block(self, convs: nn.ModuleList, h: torch.Tensor, k: int | None) -> torch.Tensor:
+        for conv in convs:
+            h = F.relu(conv(h))
+            if self.sparse and k is not None:
+                h = top_k_positions(h, k)
+        return h
+
+    def layer1(self, z: torch.Tensor) -> torch.Tensor:
+        """(N, z_dim) -> the fully connected layer's activation (N, 4w, S/4, S/4)."""
+        s0 = self.sizes[0]
+        h = F.relu(self.fc(z)).reshape(-1, self.channels[0], s0, s0)
+        return top_k_channels(h, self.k_fc) if self.sparse else h
+
+    def forward_from(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """The image (N, 1, S, S) that the layers after ``layer`` draw from its activation h."""
+        if layer < 2:
+            h = self._block(self.block2, h, self.k_positions[0])
+        if layer < 3:
+            h = self._block(self.block3, F.interpolate(h, size=self.sizes[1], mode="nearest"), self.k_positions[1])
+        if layer < 4:
+            h = self._block(self.block4, F.interpolate(h, size=self.sizes[2], mode="nearest"), None)
+        return torch.sigmoid(self.out(h))
+
+    def activations(self, z: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Every layer's activation for z (N, z_dim): {layer: (N, C_l, S_l, S_l)}."""
+        h1 = self.layer1(z)
+        h2 = self._block(self.block2, h1, self.k_positions[0])
+        h3 = self._block(self.block3, F.interpolate(h2, size=self.sizes[1], mode="nearest"), self.k_positions[1])
+        h4 = self._block(self.block4, F.interpolate(h3, size=self.sizes[2], mode="nearest"), None)
+        return {1: h1, 2: h2, 3: h3, 4: h4}
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        batch = z.shape[:-1]
+        image = self.forward_from(1, self.layer1(z.reshape(-1, self.z_dim)))
+        return image.reshape(*batch, 1, self.image_size, self.image_size)
+
+
+class SparseAndOr(nn.Module):
+    """The model above; implements the model protocol of registry.py with objective
+    "alternating_backprop" (no amortized guide: its guide infers each image by Langevin)."""
+
+    objective = "alternating_backprop"
+    # images evaluated at once: the guide's Langevin inference costs the same whatever the number of
+    # importance samples, and is run once per batch of images (``infer`` remembers its last answer)
+    evaluation_batch = 64
+
+    def __init__(self, config: RNPConfig):
+        super().__init__()
+        self.config = c = config
+        self.z_dim = c.z_dim
+        self.generator = SparseGenerator(c.z_dim, c.image_size, c.andor_width, c.sparsity == "top-k",
+                                         c.andor_k_fc, c.andor_k_fraction)
+        self.likelihood = make_likelihood(c.likelihood, c.likelihood_scale)
+        # one latent per training image, persistent across epochs; sized by the training step
+        self.register_buffer("train_latents", torch.zeros(0, c.z_dim))
+        self._last_inference: tuple | None = None   # (x, its version, the generator's versions, (loc, scale))
+
+    # --- Pyro model and its log density ---------------------------------------------------------
+    def model(self, x: torch.Tensor | None = None, batch_size: int | None = None, part_term: bool = True):
+        """Generative model for a batch x (B, 1, S, S); with x=None it generates batch_size images.
+        ``part_term`` is accepted for the protocol (this model has no part-level term)."""
+        pyro.module("andor_generator", self.generator)
+        n = batch_size if x is None else x.shape[0]
+        if n is None:
+            raise ValueError("pass images x or a batch_size")
+        zero = self.generator.fc.weight.new_zeros(())
+        with pyro.plate("data", n):
+            z = pyro.sample("z", dist.Normal(zero, 1.0).expand([self.z_dim]).to_event(1))
+            obs = None if x is None else self.likelihood.observation(x)
+            return pyro.sample("x", self.likelihood.distribution(self.generator(z)), obs=obs)
+
+    def log_joint(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """log p(z, x) per image, (B,), read from the Pyro model's trace with "z" set to z (B, z_dim)."""
+        with poutine.block():
+            trace = poutine.trace(poutine.condition(self.model, data={"z": z})).get_trace(x)
+        trace.compute_log_prob()
+        return sum(site["log_prob"] for site in trace.nodes.values() if site["type"] == "sample")
+
+    def langevin(self, z: torch.Tensor, x: torch.Tensor, steps: int, noise: bool = True) -> torch.Tensor:
+        """``steps`` Langevin updates of z (B, z_dim) on log p(z, x) with step size config.langevin_step_size
+        (noise=False: gradient ascent with the same step). The generator's gradients are untouched."""
+        delta = self.config.langevin_step_size
+        z = z.detach()
+        with torch.enable_grad():
+            for _ in range(steps):
+                z.requires_grad_(True)
+                (grad,) = torch.autograd.grad(self.log_joint(z, x).sum(), z)
+                z = z.detach() + 0.5 * delta ** 2 * grad
+                if noise:
+                    z = z + delta * torch.randn_like(z)
+        return z.detach()
+
+    def infer(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The held-out inference of the guide: (loc, scale), each (B, z_dim), of the Gaussian fitted to
+        ``proposal_samples`` Langevin states after ``infer_steps`` from z = 0 (half without noise).
+
+        Asked again for the same tensor x (the same object, unmodified) while the generator is unchanged, it
+        returns its last answer: evaluation asks the guide for every chunk of importance samples and then
+        ``reconstruct`` for the same images."""
+        versions = tuple(p._version for p in self.generator.parameters())
+        last = self._last_inference
+        if last is not None and last[0] is x and last[1] == x._version and last[2] == versions:
+            return last[3]
+        c = self.config
+        z = x.new_zeros(x.shape[0], self.z_dim)
+        z = self.langevin(z, x, c.infer_steps // 2, noise=False)
+        z = self.langevin(z, x, c.infer_steps - c.infer_steps // 2)
+        states = []
+        for _ in range(c.proposal_samples):
+            z = self.langevin(z, x, 1)
+            states.append(z)
+        states = torch.stack(states)
+        result = states.mean(0), states.std(0).clamp_min(1e-3)
+        self._last_inference = (x, x._version, versions, result)
+        return result
+
+    def guide(self, x: torch.Tensor | None = None, batch_size: int | None = None, part_term: bool = True):
+        """q(z | x) = Normal(loc, scale) per image from ``infer`` (not amortized: no parameters of its own)."""
+        if x is None:
+            raise ValueError("the guide needs images x")
+        loc, scale = self.infer(x)
+        with pyro.plate("data", x.shape[0]):
+            return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    # --- the model protocol's analysis methods ----------------------------------------------------
+    def ensure_train_latents(self, n: int) -> None:
+        """Give each of n training images a latent drawn from the prior, unless there are n already."""
+        if self.train_latents.shape[0] != n:
+            self.train_latents = torch.randn(n, self.z_dim, device=self.train_latents.device)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the persistent latents are as many as the run's training images: take the saved shape
+        saved = state_dict.get(prefix + "train_latents")
+        if saved is not None:
+            self.train_latents = torch.empty_like(saved, device=self.train_latents.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """The likelihood's mean image at the inferred latent (the proposal's mean)."""
+        return self.likelihood.mean(self.generator(self.infer(x)[0]))
+
+    @torch.no_grad()
+    def sample(self, n: int) -> torch.Tensor:
+        device = self.generator.fc.weight.device
+        return self.likelihood.mean(self.generator(torch.randn(n, self.z_dim, device=device)))
+
+    @torch.no_grad()
+    def basis_functions(self, layer: int, images: torch.Tensor, units: int | None = None) -> torch.Tensor:
+        """What a single active unit of ``layer`` draws: (C_l or ``units``, 1, S, S).
+
+        For channel c the activation is zero except c at the map's centre, set to the channel's mean
+        largest activation over ``images`` (at their inferred latents); the drawing is what the layers
+        above draw from it minus what they draw from all zeros (the generator's biases alone)."""
+        g = self.generator
+        acts = g.activations(self.infer(images)[0])[layer]               # (N, C, s, s)
+        strength = acts.flatten(2).amax(2).mean(0)                      # (C,)
+        channels, side = acts.shape[1], acts.shape[2]
+        chosen = strength.argsort(descending=True)[:units] if units else torch.arange(channels)
+        h = acts.new_zeros(chosen.numel(), channels, side, side)
+        h[torch.arange(chosen.numel()), chosen.to(h.device), side // 2, side // 2] = strength[chosen]
+        background = g.forward_from(layer, acts.new_zeros(1, channels, side, side))
+        return g.forward_from(layer, h) - background
