@@ -43,7 +43,7 @@ CONFIG_FLAGS = {"dataset": "dataset", "preset": "schedule", "batch_size": "batch
                 "exclude_classes": "exclude_classes",
                 "prior": "prior", "prior_components": "prior_components", "flow_layers": "flow_layers",
                 "guide": "guide", "guide_rank": "guide_rank", "decoder": "decoder", "plugins": "plugins",
-                "sparsity": "sparsity"}
+                "sparsity": "sparsity", "critic": "andor_critic"}
 
 
 def train(config: RNPConfig, run_dir: pathlib.Path, device: torch.device, data_dir=None, download: bool = True,
@@ -122,6 +122,8 @@ def write_figures(model, run_dir: pathlib.Path, x: torch.Tensor) -> None:
               "--plugin; mlp is --model vae [rnp].")
 @click.option("--sparsity", type=click.Choice(SPARSITIES), help="The sparse-andor model's generator: top-k "
               "(the paper's) or none (its ablation: the same network without top-k) [top-k].")
+@click.option("--critic/--no-critic", default=None, help="The sparse-andor model: learn with the paper's "
+              "energy-based critic [no: see guides/sparse-andor.md].")
 @click.option("--plugin", "plugins", multiple=True,
               help="A .py file or module that registers priors, guides, decoders or models (repeatable); recorded "
                    "in the run so that load_run imports it again.")
@@ -150,8 +152,8 @@ def write_figures(model, run_dir: pathlib.Path, x: torch.Tensor) -> None:
 @click.pass_context
 def main(ctx, dataset, preset, epochs, batch_size, lr, head_lr_scale, z_dim, depth, steps, hidden, likelihood,
          likelihood_scale, prior, prior_components, flow_layers, guide, guide_rank, model_name, decoder, sparsity,
-         plugins, source_dir, device, seed, limit, exclude_classes, data_dir, no_download, run_dir, resume_dir, eval_limit, amp,
-         compile_, quiet):
+         critic, plugins, source_dir, device, seed, limit, exclude_classes, data_dir, no_download, run_dir,
+         resume_dir, eval_limit, amp, compile_, quiet):
     """Train a model (a Recursive Neural Program by default) with SVI and write a run folder.
 
     Under torchrun (torchrun --nproc_per_node N -m pyro_rnp.fit ...) it trains with N processes:

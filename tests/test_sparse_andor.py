@@ -189,3 +189,19 @@ def test_a_run_keeps_its_latents_resumes_and_every_command_works_or_refuses(tiny
         out = command(*args)
         assert out.returncode == 2 and message in out.stderr and len(out.stderr.strip().splitlines()) == 1, \
             out.stderr
+
+
+def test_the_energy_based_critic_learns_to_tell_observed_from_generated_images(mnist_images):
+    torch.manual_seed(0)
+    model = SparseAndOr(tiny_config(andor_critic=True))
+    x = mnist_images[:64]
+    step = AlternatingBackpropStep(model, make_optimizer(model, 3e-3), training_images=64)
+    generator_before = [p.detach().clone() for p in model.generator.parameters()]
+    for k in range(15):
+        loss, applied = step(x, k, index=torch.arange(64))
+        assert bool(applied) and torch.isfinite(loss)
+    with torch.no_grad():
+        observed, generated = model.critic(x).mean(), model.critic(model.sample(64)).mean()
+    assert observed < generated                                           # observed images: lower energy
+    assert all(not torch.equal(a, b) for a, b in zip(generator_before, model.generator.parameters()))
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

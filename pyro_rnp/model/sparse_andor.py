@@ -20,14 +20,17 @@ blocks, ours 7 -> 28 (13 -> 50) two and two; its k at each conv block is a quart
 positions, which ``andor_k_fraction`` keeps.) Every activation is a ReLU followed by the
 layer's top-k: the kept units pass their values and gradients, the others are zero.
 
-Learning (the paper's Algorithm 1, without its critic): every training image keeps its own
-latent (``train_latents``, persistent across epochs); a step runs ``langevin_steps`` of
+Learning (the paper's Algorithm 1): every training image keeps its own latent (``train_latents``,
+persistent across epochs); a step runs ``langevin_steps`` of
 
     z <- z + (delta^2 / 2) d/dz log p(z, x) + delta * eps,        eps ~ N(0, I)
 
 on the batch's latents, with log p(z, x) read from this module's Pyro model (``log_joint``),
 stores them, and takes one Adam step of the generator on -log p(z, x) at those latents
-(pyro_rnp/training/step.py, ``AlternatingBackpropStep``).
+(pyro_rnp/training/step.py, ``AlternatingBackpropStep``). With ``andor_critic`` the paper's
+energy-based critic E (``EnergyCritic``) learns in the same step to give observed images lower
+energy than images generated from fresh z ~ N(0, I), and the generator's loss adds
+``critic_weight`` times E of those generated images.
 
 The guide is not amortized: for held-out images it runs Langevin from z = 0 for
 ``infer_steps`` (noise-free gradient ascent the first half, then Langevin), then keeps
@@ -134,6 +137,29 @@ class SparseGenerator(nn.Module):
         return image.reshape(*batch, 1, self.image_size, self.image_size)
 
 
+class EnergyCritic(nn.Module):
+    """The paper's energy-based critic E(x): (*B, 1, S, S) -> (*B,), scaled as the generator is: conv 3x3 w, then
+    [avg-pool /2, conv 3x3 c, conv 3x3 c] for c = 2w, 4w, then a fully connected layer to one number;
+    LeakyReLU 0.2 (the paper's: conv 64, then blocks of 64, 128, 256, 512 channels at 64x64)."""
+
+    def __init__(self, image_size: int, width: int):
+        super().__init__()
+        self.image_size = image_size
+        act = nn.LeakyReLU(0.2)
+        layers: list[nn.Module] = [nn.Conv2d(1, width, 3, padding=1), act]
+        side, channels = image_size, width
+        for out in (2 * width, 4 * width):
+            layers += [nn.AvgPool2d(2), nn.Conv2d(channels, out, 3, padding=1), act,
+                       nn.Conv2d(out, out, 3, padding=1), act]
+            side, channels = side // 2, out
+        self.features = nn.Sequential(*layers, nn.AvgPool2d(2), nn.Flatten())
+        self.energy = nn.Linear(channels * (side // 2) ** 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[:-3]
+        return self.energy(self.features(x.reshape(-1, 1, self.image_size, self.image_size))).reshape(batch)
+
+
 class SparseAndOr(nn.Module):
     """The model above; implements the model protocol of registry.py with objective
     "alternating_backprop" (no amortized guide: its guide infers each image by Langevin)."""
@@ -149,6 +175,7 @@ class SparseAndOr(nn.Module):
         self.z_dim = c.z_dim
         self.generator = SparseGenerator(c.z_dim, c.image_size, c.andor_width, c.sparsity == "top-k",
                                          c.andor_k_fc, c.andor_k_fraction)
+        self.critic = EnergyCritic(c.image_size, c.andor_width) if c.andor_critic else None
         self.likelihood = make_likelihood(c.likelihood, c.likelihood_scale)
         # one latent per training image, persistent across epochs; sized by the training step
         self.register_buffer("train_latents", torch.zeros(0, c.z_dim))

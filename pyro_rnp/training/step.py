@@ -240,9 +240,16 @@ class AlternatingBackpropStep(LearningRateSchedule):
     persistent latents on log p(z, x) (the model's ``langevin``), stored back; then one optimizer step of
     the generator on -log p(z, x) summed over the batch, at the updated latents.
 
-    The loss returned is that -log p(z, x) (nats per batch, not an ELBO). A non-finite loss skips the
-    generator's update and keeps the latents as they were. Gradients are clamped element-wise to
-    +-grad_clip when it is positive."""
+    With the model's energy-based critic E (config ``andor_critic``), the same step also draws images
+    g(z') from fresh z' ~ N(0, I) and gives E the gradient of
+        mean E(x) - mean E(g(z')) + critic_regulariser * (mean E(x)^2 + mean E(g(z'))^2)
+    (observed images to lower energy than generated ones; the squares keep the energies bounded), and g
+    the gradient of -log p(z, x) + critic_weight * E(g(z')), summed over the batch: one optimizer step
+    updates both, each on its own loss.
+
+    The loss returned is -log p(z, x) (nats per batch, not an ELBO). A non-finite loss skips the
+    update and keeps the latents as they were. Gradients are clamped element-wise to +-grad_clip
+    when it is positive."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, training_images: int,
                  grad_clip: float = 0.0, warmup_steps: int = 0, schedule: str = "constant",
@@ -267,10 +274,33 @@ class AlternatingBackpropStep(LearningRateSchedule):
         self.optimizer.zero_grad(set_to_none=False)
         loss = -model.log_joint(z, x).sum()
         finite = torch.isfinite(loss.detach()) & torch.isfinite(z).all()
-        torch.where(finite, loss, torch.zeros_like(loss)).backward()
+        if model.critic is not None:
+            c = model.config
+            generated = model.generator(torch.randn_like(z))
+            observed_energy, generated_energy = model.critic(x), model.critic(generated.detach())
+            critic_loss = (observed_energy.mean() - generated_energy.mean()
+                           + c.critic_regulariser * (observed_energy.pow(2).mean() + generated_energy.pow(2).mean()))
+            critic_params = list(model.critic.parameters())
+            _set_gradients(critic_params, torch.autograd.grad(critic_loss, critic_params))
+            generator_loss = loss + c.critic_weight * model.critic(generated).sum()
+            finite = finite & torch.isfinite(critic_loss.detach())
+            generator_params = list(model.generator.parameters())
+            _set_gradients(generator_params, torch.autograd.grad(
+                torch.where(finite, generator_loss, torch.zeros_like(generator_loss)), generator_params))
+        else:
+            torch.where(finite, loss, torch.zeros_like(loss)).backward()
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_value_(self.params, self.grad_clip)
         if bool(finite):
             self.optimizer.step()
             model.train_latents[index] = z
         return loss.detach(), finite
+
+
+def _set_gradients(params: list[torch.Tensor], gradients: tuple[torch.Tensor, ...]) -> None:
+    """Make each parameter's .grad the given gradient (each is trained on its own loss)."""
+    for param, gradient in zip(params, gradients):
+        if param.grad is None:
+            param.grad = gradient.detach().clone()
+        else:
+            param.grad.copy_(gradient)
