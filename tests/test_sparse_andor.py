@@ -116,7 +116,7 @@ def test_the_importance_sampling_bound_holds_against_an_exact_linear_gaussian_li
     langevin = model.langevin
     model.langevin = lambda *args, **kwargs: calls.append(1) or langevin(*args, **kwargs)
     result = evaluate(model, x, iw_samples=64)
-    assert len(calls) == 2 + 30       # one inference for the 8 images, reused by 16 chunks of 4 samples and the MSE
+    assert len(calls) == 30   # one inference (30 proposal states) for the 8 images, reused by 16 chunks and the MSE
     assert result["iwae_nll"] >= -exact.mean().item() - 0.05               # a bound (up to Monte Carlo noise)
     # and a close one: within 3 nats of 325 (a proposal from the prior is hundreds of nats off)
     assert result["iwae_nll"] - (-exact.mean().item()) < 3.0
