@@ -179,6 +179,8 @@ def test_a_run_keeps_its_latents_resumes_and_every_command_works_or_refuses(tiny
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert math.isfinite(result["iwae_nll"]) and result["neg_elbo"] >= result["iwae_nll"] - 1e-6
+    out = command("pyro_rnp.ppc", str(run_dir), "--limit", "4", "--samples", "2", "--json")
+    assert out.returncode == 0 and json.loads(out.stdout.strip().splitlines()[-1])["n_images"] == 4, out.stderr
     out = command("pyro_rnp.figures", str(run_dir), "--which", "basis,primitives,samples")
     assert out.returncode == 0, out.stderr[-3000:]
     record = json.loads((run_dir / "figures.json").read_text())

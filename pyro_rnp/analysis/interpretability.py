@@ -8,10 +8,11 @@ A model's primitives, drawn as images (``model_primitives``):
   sparse-andor  "layer 3 basis functions" (the paper's Table 4 layer): what one active unit of
                 the layer draws, minus what the generator draws from nothing (its biases).
 Each drawing is cropped to its ink (the box of pixels whose magnitude passes INK of its largest;
-a drawing with no spread is dropped), and the score is the mean, over the first MAX_PRIMITIVES
-primitives and the ``images`` given (training images), of the best normalised cross-correlation of
-the crop anywhere in the image (scikit-image's ``match_template``): 1 for a primitive that is a
-patch of an image, near 0 for noise.
+drawings that draw nothing visible, crops narrower than MIN_SIDE pixels and crops without spread
+are dropped), and the score is the mean, over the first MAX_PRIMITIVES primitives and the
+``images`` given (training images), of the best normalised cross-correlation of the crop anywhere
+in the image (scikit-image's ``match_template``): 1 for a primitive that is a patch of an image,
+near 0 for noise.
 """
 from __future__ import annotations
 
@@ -22,29 +23,32 @@ from skimage.feature import match_template
 from ..model.registry import has
 
 INK = 0.2             # a drawing's pixels with |value| >= INK * its largest |value| make its crop
+VISIBLE = 0.05        # a drawing whose largest |value| is below this (pixels in [0, 1]) draws nothing: dropped
+MIN_SIDE = 5          # a crop narrower than this is dropped: a 2-pixel template matches some edge of any image
 MAX_PRIMITIVES = 64   # primitives scored per kind (the first ones)
 DRAWN_FROM = 16       # images parsed for the primitives of the models with parts
 
 
 def crop_to_ink(drawing: np.ndarray) -> np.ndarray | None:
     """The smallest box of ``drawing`` (H, W) holding every pixel with |value| >= INK * max |value|, or
-    None if the crop is constant (a template without spread has no correlation)."""
+    None for a drawing that cannot be matched meaningfully: one that draws nothing visible (max |value|
+    below VISIBLE), a crop narrower than MIN_SIDE, or a constant crop (no spread, no correlation)."""
     magnitude = np.abs(drawing)
-    if magnitude.max() <= 0:
+    if magnitude.max() < VISIBLE:
         return None
     rows, cols = np.nonzero(magnitude >= INK * magnitude.max())
     crop = drawing[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
-    return crop if crop.std() > 1e-8 else None
+    return crop if min(crop.shape) >= MIN_SIDE and crop.std() > 1e-8 else None
 
 
 def template_matching_score(drawings: torch.Tensor, images: torch.Tensor) -> dict:
     """drawings (P, H, W) or (P, 1, H, W), images (M, H, W) or (M, 1, H', W') -> {"score": the mean over
     the kept primitives and the images of the best NCC of the primitive's ink crop in the image,
-    "per_primitive": each primitive's mean over the images, "primitives": how many were kept (at most
-    MAX_PRIMITIVES, those with ink), "images": M}."""
+    "per_primitive": each primitive's mean over the images, "primitives": how many were kept (the first
+    MAX_PRIMITIVES that crop_to_ink keeps), "images": M}."""
     drawings = drawings.detach().float().cpu().reshape(drawings.shape[0], *drawings.shape[-2:]).numpy()
     images = images.detach().float().cpu().reshape(images.shape[0], *images.shape[-2:]).numpy()
-    templates = [t for t in (crop_to_ink(d) for d in drawings[:MAX_PRIMITIVES]) if t is not None]
+    templates = [t for t in (crop_to_ink(d) for d in drawings) if t is not None][:MAX_PRIMITIVES]
     if not templates:
         return {"score": float("nan"), "per_primitive": [], "primitives": 0, "images": int(images.shape[0])}
     per_primitive = [float(np.mean([match_template(image, template).max() for image in images]))
