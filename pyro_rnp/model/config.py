@@ -74,7 +74,7 @@ class RNPConfig:
     infer_steps: int = 100            # held-out inference: Adam steps on -log p(z, x) from z = 0, then
     infer_lr: float = 0.3             #   at this rate (ours: on 64 MNIST test images, 60 steps reached log p(z, x)
                                       #   -126 per image where noise-free Langevin at delta 0.1 reached -247)
-    proposal_samples: int = 20        # further Langevin states the held-out Gaussian proposal is fitted to
+    proposal_samples: int = 20        # Langevin steps from there that set the held-out proposal's scale
     andor_critic: bool = False        # the paper's energy-based critic (ours: off; guides/sparse-andor.md says why)
     critic_weight: float = 1.0        # the critic's energy of generated images in g's loss, per image (ours)
     critic_regulariser: float = 0.1   # weight of the critic's squared energies, which keeps them bounded (ours)
