@@ -184,7 +184,8 @@ def test_a_run_keeps_its_latents_resumes_and_every_command_works_or_refuses(tiny
     out = command("pyro_rnp.figures", str(run_dir), "--which", "basis,primitives,samples")
     assert out.returncode == 0, out.stderr[-3000:]
     record = json.loads((run_dir / "figures.json").read_text())
-    assert 0 <= record["interpretability"]["layer 3 basis functions"]["score"] <= 1
+    entry = record["interpretability"]["layer 3 basis functions"]   # a tiny generator may draw none visibly
+    assert entry["images"] == 100 and (entry["primitives"] == 0 or 0 <= entry["score"] <= 1), entry
     assert (run_dir / "figures" / "basis.png").stat().st_size > 1000
     for args, message in ((["pyro_rnp.figures", str(run_dir), "--which", "parse"], "no program trees"),
                           (["pyro_rnp.transfer", str(run_dir), "--classes", "2"], "is not one encoder")):
