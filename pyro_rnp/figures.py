@@ -77,16 +77,16 @@ def main(run_dir, which, n_images, device, amp, data_dir, no_download, limit, cl
             x = held_out(config, data_dir, not no_download, tsne_images)[0].to(torch_device)
             path, summaries["memory"] = plot_memory(rnp, x, folder / "memory.png")
             written.append(path)
+        if "basis" in names or "primitives" in names:  # the same images, so the generator infers them once
+            drawn = held_out(config, data_dir, not no_download, DRAWN_FROM)[0].to(torch_device)
         if "basis" in names:
-            x = held_out(config, data_dir, not no_download, DRAWN_FROM)[0].to(torch_device)
-            path, summaries["basis"] = plot_basis(rnp, x, folder / "basis.png")
+            path, summaries["basis"] = plot_basis(rnp, drawn, folder / "basis.png")
             written.append(path)
         if "primitives" in names:
             from . import data as datasets
-            x = held_out(config, data_dir, not no_download, DRAWN_FROM)[0].to(torch_device)
             train = datasets.load_images(config.dataset, "train", data_dir, not no_download, TEMPLATE_IMAGES,
                                          config.exclude_classes).tensors[0]
-            path, scores = plot_primitives(rnp, x, train, folder / "primitives.png")
+            path, scores = plot_primitives(rnp, drawn, train, folder / "primitives.png")
             summaries["interpretability"] = {"method": "mean best normalised cross-correlation (skimage "
                                              "match_template) of each primitive's ink crop in each of the first "
                                              f"{TEMPLATE_IMAGES} training images; primitives drawn from the first "

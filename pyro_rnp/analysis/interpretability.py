@@ -64,7 +64,7 @@ def model_primitives(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
     was_training = model.training
     model.eval()
     try:
-        x = x[:DRAWN_FROM]
+        x = x[:DRAWN_FROM] if x.shape[0] > DRAWN_FROM else x  # the same tensor keeps the generator's inference
         if has(model, "basis"):
             return {"layer 3 basis functions": model.basis_functions(3, x)[:, 0]}
         if has(model, "programs"):
@@ -85,14 +85,14 @@ def model_primitives(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
     raise ValueError(f"the {model.config.model} model draws no primitives that this score knows")
 
 
-def interpretability(model, x: torch.Tensor, images: torch.Tensor) -> dict:
-    """{kind: template_matching_score(...) without per_primitive, plus "drawn_from"} for the model's
-    primitives drawn from x and matched against ``images``."""
+def score_primitives(drawings: dict[str, torch.Tensor], images: torch.Tensor, drawn_from: int) -> dict:
+    """{kind: template_matching_score(...) without per_primitive, plus "drawn_from"} for drawings by kind
+    (model_primitives) matched against ``images``."""
     result = {}
-    for kind, drawings in model_primitives(model, x).items():
-        score = template_matching_score(drawings, images)
+    for kind, d in drawings.items():
+        score = template_matching_score(d, images)
         score.pop("per_primitive")
-        result[kind] = {**score, "drawn_from": int(min(DRAWN_FROM, x.shape[0]))}
+        result[kind] = {**score, "drawn_from": int(min(DRAWN_FROM, drawn_from))}
     return result
 
 
@@ -105,16 +105,11 @@ def _normalised(drawings: torch.Tensor) -> np.ndarray:
 
 def plot_primitives(model, x: torch.Tensor, images: torch.Tensor, path, columns: int = 12) -> tuple:
     """The first ``columns`` primitives of each kind (model_primitives), each stretched to [0, 1], with the
-    kind's template-matching score in its label -> (path, interpretability(model, x, images))."""
+    kind's template-matching score in its label -> (path, score_primitives(...))."""
     from .plots import image_grid
     drawings = model_primitives(model, x)
-    scores = {}
-    rows = []
-    for kind, d in drawings.items():
-        score = template_matching_score(d, images)
-        score.pop("per_primitive")
-        scores[kind] = {**score, "drawn_from": int(min(DRAWN_FROM, x.shape[0]))}
-        rows.append((f"{kind}\nscore {score['score']:.2f}", _normalised(d[:columns])))
+    scores = score_primitives(drawings, images, x.shape[0])
+    rows = [(f"{kind}\nscore {scores[kind]['score']:.2f}", _normalised(d[:columns])) for kind, d in drawings.items()]
     path = image_grid(rows, path, f"primitives ({model.config.model}): template-matching score against "
                                   f"{images.shape[0]} training images")
     return path, scores

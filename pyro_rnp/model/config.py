@@ -179,7 +179,7 @@ class RNPConfig:
             values.update(QUICK)
             if dataset == "multi-mnist" and overrides.get("model", "rnp") == "rnp":
                 values.update(MULTI_MNIST_RNP_QUICK)
-        values.update(SEQUENTIAL_SCHEDULES.get((overrides.get("model"), schedule), {}))
+        values.update(MODEL_SCHEDULES.get((overrides.get("model"), schedule), {}))
         values.update(overrides)
         return cls(**values)
 
@@ -200,8 +200,9 @@ class RNPConfig:
     # fields that define the model's parameters: a checkpoint fits only a config that agrees on these
     ARCHITECTURE = ("model", "z_dim", "depth", "steps", "hidden", "embed", "action_hidden", "image_size", "patch_size",
                     "max_parts", "z_what_dim", "air_lstm", "air_hidden", "slots", "slot_size", "part_noise",
-                    "generated_activation", "sparsity", "andor_width", "andor_critic", "encoder_blocks", "encoder_hidden", "prior", "prior_components",
-                    "flow_layers", "guide", "guide_rank", "decoder", "decoder_hidden")
+                    "generated_activation", "sparsity", "andor_width", "andor_critic", "encoder_blocks",
+                    "encoder_hidden", "prior", "prior_components", "flow_layers", "guide", "guide_rank", "decoder",
+                    "decoder_hidden")
 
 
 # The quick schedule: same architecture, 2 epochs. The hypernetwork head learns at a fifth of the rate
@@ -226,10 +227,11 @@ _SEQUENTIAL = dict(lr=1e-4, batch_size=64, grad_clip=0.0, head_lr_scale=1.0, lr_
 # 1,024 MNIST images 1e-3 reached a held-out MSE of 0.177 after one epoch where 3e-4 reached 0.216).
 # paper: the whole training set, 50 epochs (ours). quick: the first 10,000 training images (as the paper
 # trains on CelebA's first 10k) for 5 epochs, 10 Langevin steps a visit, so that each persistent latent sees
-# 50; held-out inference 60 steps and a proposal from 10 more states, on 256 images after each epoch.
+# 50; held-out inference 60 steps and a proposal scale from 10 more, on 256 images after each epoch.
 _ANDOR = dict(z_dim=100, lr=1e-3, batch_size=64, grad_clip=0.0, head_lr_scale=1.0, lr_warmup_steps=0,
               lr_schedule="constant")
-SEQUENTIAL_SCHEDULES = {
+# (model, preset) -> the training settings of models whose papers train them their own way
+MODEL_SCHEDULES = {
     ("sparse-andor", "paper"): dict(_ANDOR, epochs=50),
     ("sparse-andor", "quick"): dict(_ANDOR, epochs=5, limit=10_000, langevin_steps=10, infer_steps=60,
                                     proposal_samples=10, eval_limit=256, figure_every=1),

@@ -15,6 +15,8 @@ A model is a ``torch.nn.Module`` built from a run's config by ``build_model(conf
     sample(n) -> (n, 1, H, W)      the likelihood's mean image of latents from the prior
     particle_plate (optional)      False for a model whose guide cannot take an outer plate of
                                    particles at dim -2: evaluation then repeats the batch
+    evaluation_batch (optional)    images evaluated at once, for a model whose guide's cost is an
+                                   inner loop per image rather than the importance samples
 
 and, where it has them (its entry's ``capabilities`` say which):
 

@@ -78,7 +78,7 @@ def top_k_positions(h: torch.Tensor, k: int) -> torch.Tensor:
 class SparseGenerator(nn.Module):
     """g(z): (*B, z_dim) -> (*B, 1, S, S) in (0, 1), the table in the module docstring.
 
-    ``layers`` names what the figures draw: layer 1 (the fully connected map), 2 and 3 (the
+    ``LAYERS`` names what the figures draw: layer 1 (the fully connected map), 2 and 3 (the
     sparse conv blocks), 4 (the dense block). ``forward_from(layer, h)`` runs the layers after
     ``layer`` on its activation h, so a single active unit can be drawn."""
 
@@ -114,23 +114,26 @@ class SparseGenerator(nn.Module):
         h = F.relu(self.fc(z)).reshape(-1, self.channels[0], s0, s0)
         return top_k_channels(h, self.k_fc) if self.sparse else h
 
+    def next_layer(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """The activation of layer ``layer + 1`` (2, 3 or 4) from that of ``layer``."""
+        if layer == 1:
+            return self._block(self.block2, h, self.k_positions[0])
+        if layer == 2:
+            return self._block(self.block3, F.interpolate(h, size=self.sizes[1], mode="nearest"), self.k_positions[1])
+        return self._block(self.block4, F.interpolate(h, size=self.sizes[2], mode="nearest"), None)
+
     def forward_from(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         """The image (N, 1, S, S) that the layers after ``layer`` draw from its activation h."""
-        if layer < 2:
-            h = self._block(self.block2, h, self.k_positions[0])
-        if layer < 3:
-            h = self._block(self.block3, F.interpolate(h, size=self.sizes[1], mode="nearest"), self.k_positions[1])
-        if layer < 4:
-            h = self._block(self.block4, F.interpolate(h, size=self.sizes[2], mode="nearest"), None)
+        for above in range(layer, self.LAYERS[-1]):
+            h = self.next_layer(above, h)
         return torch.sigmoid(self.out(h))
 
     def activations(self, z: torch.Tensor) -> dict[int, torch.Tensor]:
         """Every layer's activation for z (N, z_dim): {layer: (N, C_l, S_l, S_l)}."""
-        h1 = self.layer1(z)
-        h2 = self._block(self.block2, h1, self.k_positions[0])
-        h3 = self._block(self.block3, F.interpolate(h2, size=self.sizes[1], mode="nearest"), self.k_positions[1])
-        h4 = self._block(self.block4, F.interpolate(h3, size=self.sizes[2], mode="nearest"), None)
-        return {1: h1, 2: h2, 3: h3, 4: h4}
+        found = {1: self.layer1(z)}
+        for layer in self.LAYERS[1:]:
+            found[layer] = self.next_layer(layer - 1, found[layer - 1])
+        return found
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         batch = z.shape[:-1]

@@ -81,8 +81,8 @@ class TrainingLoop:
     first few timed steps, so the caller can say how long training will take.
     """
 
-    def __init__(self, step: TrainStep | AlternatingBackpropStep, images: torch.Tensor, batch_size: int, seed: int = 0,
-                 shuffle: bool = True, context: Context = Context(), device: torch.device | None = None,
+    def __init__(self, step: TrainStep | AlternatingBackpropStep, images: torch.Tensor, batch_size: int,
+                 seed: int = 0, shuffle: bool = True, context: Context = Context(), device: torch.device | None = None,
                  progress: bool = True, label: str = "epoch", hint: str = "",
                  on_rate: Callable[[float, int], None] | None = None):
         self.step, self.images, self.seed, self.shuffle = step, images, seed, shuffle

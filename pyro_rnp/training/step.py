@@ -274,21 +274,19 @@ class AlternatingBackpropStep(LearningRateSchedule):
         self.optimizer.zero_grad(set_to_none=False)
         loss = -model.log_joint(z, x).sum()
         finite = torch.isfinite(loss.detach()) & torch.isfinite(z).all()
+        generator_loss = loss
         if model.critic is not None:
             c = model.config
             generated = model.generator(torch.randn_like(z))
             observed_energy, generated_energy = model.critic(x), model.critic(generated.detach())
             critic_loss = (observed_energy.mean() - generated_energy.mean()
                            + c.critic_regulariser * (observed_energy.pow(2).mean() + generated_energy.pow(2).mean()))
-            critic_params = list(model.critic.parameters())
-            _set_gradients(critic_params, torch.autograd.grad(critic_loss, critic_params))
+            critic_loss.backward(inputs=list(model.critic.parameters()))
             generator_loss = loss + c.critic_weight * model.critic(generated).sum()
             finite = finite & torch.isfinite(critic_loss.detach())
-            generator_params = list(model.generator.parameters())
-            _set_gradients(generator_params, torch.autograd.grad(
-                torch.where(finite, generator_loss, torch.zeros_like(generator_loss)), generator_params))
-        else:
-            torch.where(finite, loss, torch.zeros_like(loss)).backward()
+        # each network takes the gradient of its own loss only
+        torch.where(finite, generator_loss, torch.zeros_like(generator_loss)).backward(
+            inputs=list(model.generator.parameters()))
         if self.grad_clip > 0:
             torch.nn.utils.clip_grad_value_(self.params, self.grad_clip)
         if bool(finite):
@@ -296,11 +294,3 @@ class AlternatingBackpropStep(LearningRateSchedule):
             model.train_latents[index] = z
         return loss.detach(), finite
 
-
-def _set_gradients(params: list[torch.Tensor], gradients: tuple[torch.Tensor, ...]) -> None:
-    """Make each parameter's .grad the given gradient (each is trained on its own loss)."""
-    for param, gradient in zip(params, gradients):
-        if param.grad is None:
-            param.grad = gradient.detach().clone()
-        else:
-            param.grad.copy_(gradient)
