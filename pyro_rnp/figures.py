@@ -93,6 +93,10 @@ def main(run_dir, which, n_images, device, amp, data_dir, no_download, limit, cl
                                              f"{DRAWN_FROM} held-out images", **scores}
             written.append(path)
             for kind, score in scores.items():
+                if not score["primitives"]:
+                    click.echo(f"interpretability of {kind}: none drawn visibly enough to score (each is dropped "
+                               "below 0.05 of the pixel range or 5 pixels wide); train longer")
+                    continue
                 click.echo(f"interpretability of {kind}: {score['score']:.3f} ({score['primitives']} primitives, "
                            f"{score['images']} training images)")
         if "tsne" in names:

@@ -206,8 +206,9 @@ def main(ctx, dataset, preset, epochs, batch_size, lr, head_lr_scale, z_dim, dep
              else f"batch {config.batch_size}")
     likelihood = make_likelihood(config.likelihood, config.likelihood_scale).name
     depth = f"depth {config.depth}, " if config.model == "rnp" else ""
-    echo(f"Run folder: {run_dir}  ({config.model} on {config.dataset}, preset {config.schedule}, "
-         f"{config.epochs} epochs, {batch}, lr {config.lr:g}, {depth}likelihood {likelihood}, device {torch_device})")
+    epoch_count = f"{config.epochs} epoch{'s' if config.epochs != 1 else ''}"
+    echo(f"Run folder: {run_dir}  ({config.model} on {config.dataset}, preset {config.schedule}, {epoch_count}, "
+         f"{batch}, lr {config.lr:g}, {depth}likelihood {likelihood}, device {torch_device})")
     launcher = "torchrun -m pyro_rnp.fit" if context.active else "python -m pyro_rnp.fit"
     try:
         train(config, run_dir, torch_device, data_dir, download=not no_download, resume=resume_dir is not None,
