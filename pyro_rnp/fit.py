@@ -26,7 +26,7 @@ from .cli import (ClassList, StopRequest, check_amp, data_options, fast_path_ena
 from .data import DATASETS
 from .fast import prepare_process_for_training
 from .model import components
-from .model.config import LIKELIHOODS, SCHEDULES, SPARSITIES, RNPConfig
+from .model.config import ANDOR_OUTPUTS, LIKELIHOODS, SCHEDULES, SPARSITIES, RNPConfig
 from .model.likelihoods import make_likelihood
 from .model.registry import model_entry, model_names
 from .training.distributed import Context, broadcast_from_main, sum_across, teardown
@@ -43,7 +43,7 @@ CONFIG_FLAGS = {"dataset": "dataset", "preset": "schedule", "batch_size": "batch
                 "exclude_classes": "exclude_classes",
                 "prior": "prior", "prior_components": "prior_components", "flow_layers": "flow_layers",
                 "guide": "guide", "guide_rank": "guide_rank", "decoder": "decoder", "plugins": "plugins",
-                "sparsity": "sparsity", "critic": "andor_critic"}
+                "sparsity": "sparsity", "critic": "andor_critic", "andor_output": "andor_output"}
 
 
 def train(config: RNPConfig, run_dir: pathlib.Path, device: torch.device, data_dir=None, download: bool = True,
@@ -124,6 +124,8 @@ def write_figures(model, run_dir: pathlib.Path, x: torch.Tensor) -> None:
               "(the paper's) or none (its ablation: the same network without top-k) [top-k].")
 @click.option("--critic/--no-critic", default=None, help="The sparse-andor model: learn with the paper's "
               "energy-based critic [no: see guides/sparse-andor.md].")
+@click.option("--andor-output", type=click.Choice(ANDOR_OUTPUTS), help="The sparse-andor generator's last layer: "
+              "linear, or a sigmoid (the paper's tanh for [0, 1] pixels) [linear: see guides/sparse-andor.md].")
 @click.option("--plugin", "plugins", multiple=True,
               help="A .py file or module that registers priors, guides, decoders or models (repeatable); recorded "
                    "in the run so that load_run imports it again.")
@@ -152,7 +154,7 @@ def write_figures(model, run_dir: pathlib.Path, x: torch.Tensor) -> None:
 @click.pass_context
 def main(ctx, dataset, preset, epochs, batch_size, lr, head_lr_scale, z_dim, depth, steps, hidden, likelihood,
          likelihood_scale, prior, prior_components, flow_layers, guide, guide_rank, model_name, decoder, sparsity,
-         critic, plugins, source_dir, device, seed, limit, exclude_classes, data_dir, no_download, run_dir,
+         critic, andor_output, plugins, source_dir, device, seed, limit, exclude_classes, data_dir, no_download, run_dir,
          resume_dir, eval_limit, amp, compile_, quiet):
     """Train a model (a Recursive Neural Program by default) with SVI and write a run folder.
 

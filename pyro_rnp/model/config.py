@@ -16,6 +16,7 @@ LIKELIHOODS = ("normal", "bernoulli")
 ACTIVATIONS = ("elu", "linear")
 LR_SCHEDULES = ("constant", "cosine")
 SPARSITIES = ("top-k", "none")
+ANDOR_OUTPUTS = ("linear", "sigmoid")
 
 
 @dataclass(frozen=True)
@@ -67,11 +68,15 @@ class RNPConfig:
     # 20 Langevin steps of size 0.1)
     sparsity: str = "top-k"           # "top-k" (the paper's) or "none" (its ablation: the same network, dense)
     andor_width: int = 16             # w: channels 4w, 4w, 2w, w (the paper's 512, 256, 128, 64 at 64x64)
+    andor_output: str = "linear"      # g's last layer: "linear" (ours) or "sigmoid" (the paper's tanh for [0, 1]
+                                      #   pixels; it saturated the dense ablation at black within 20 steps: guide)
     andor_k_fc: int = 8               # top-k channels at each position of the fully connected layer (the paper's)
     andor_k_fraction: float = 0.25    # top-k positions per channel of the sparse conv blocks (the paper's 16/64)
     langevin_steps: int = 20          # Langevin steps per training image and step
     langevin_step_size: float = 0.1   # delta
-    infer_steps: int = 100            # held-out inference: Adam steps on -log p(z, x) from z = 0, then
+    langevin_max_drift: float | None = 2.0   # longest drift (delta^2 / 2) grad of one latent per step (ours: the quick
+                                      #   runs' healthy drifts stayed under 2.1; None: unbounded, the paper's)
+    infer_steps: int = 100            # held-out inference: Adam steps on -log p(z, x) from a prior draw, then
     infer_lr: float = 0.3             #   at this rate (ours: on 64 MNIST test images, 60 steps reached log p(z, x)
                                       #   -126 per image where noise-free Langevin at delta 0.1 reached -247)
     proposal_samples: int = 20        # Langevin steps from there that set the held-out proposal's scale
@@ -131,11 +136,14 @@ class RNPConfig:
             (min(self.air_scale_sd, self.air_position_sd, self.baseline_lr) > 0,
              "air_scale_sd, air_position_sd and baseline_lr must be positive"),
             (self.sparsity in SPARSITIES, f"sparsity must be one of {', '.join(SPARSITIES)}, not {self.sparsity!r}"),
+            (self.andor_output in ANDOR_OUTPUTS,
+             f"andor_output must be one of {', '.join(ANDOR_OUTPUTS)}, not {self.andor_output!r}"),
             (min(self.andor_width, self.andor_k_fc, self.langevin_steps, self.infer_steps) >= 1
              and self.proposal_samples >= 2 and min(self.langevin_step_size, self.infer_lr) > 0
+             and (self.langevin_max_drift is None or self.langevin_max_drift > 0)
              and 0 < self.andor_k_fraction <= 1,
              "andor_width, andor_k_fc, langevin_steps and infer_steps must be positive, proposal_samples at least "
-             "2, langevin_step_size and infer_lr positive, andor_k_fraction in (0, 1]"),
+             "2, langevin_step_size, infer_lr and langevin_max_drift (unless None) positive, andor_k_fraction in (0, 1]"),
             (self.critic_weight >= 0 and self.critic_regulariser >= 0,
              "critic_weight and critic_regulariser must be >= 0"),
             (self.epochs >= 0, "epochs must be >= 0"),
@@ -195,12 +203,14 @@ class RNPConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown config fields: {', '.join(unknown)}")
+        if d.get("model") == "sparse-andor":        # run folders written before these fields: what they ran
+            d = {"andor_output": "sigmoid", "langevin_max_drift": None, **d}
         return cls(**d)
 
     # fields that define the model's parameters: a checkpoint fits only a config that agrees on these
     ARCHITECTURE = ("model", "z_dim", "depth", "steps", "hidden", "embed", "action_hidden", "image_size", "patch_size",
                     "max_parts", "z_what_dim", "air_lstm", "air_hidden", "slots", "slot_size", "part_noise",
-                    "generated_activation", "sparsity", "andor_width", "andor_critic", "encoder_blocks",
+                    "generated_activation", "sparsity", "andor_width", "andor_output", "andor_critic", "encoder_blocks",
                     "encoder_hidden", "prior", "prior_components", "flow_layers", "guide", "guide_rank", "decoder",
                     "decoder_hidden")
 

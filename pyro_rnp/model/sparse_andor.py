@@ -13,12 +13,15 @@ The generator g, scaled from the paper's 64x64 colour table to C x C grey images
     | 2     | conv 3x3 4w, conv 3x3 4w at ceil(S/4)                   | in each channel, a quarter of the positions |
     | 3     | nearest x2, conv 3x3 2w, conv 3x3 2w at ceil(S/2)       | in each channel, a quarter of the positions |
     | 4     | nearest x2, conv 3x3 w, conv 3x3 w at S                 | none (as the paper's last block)             |
-    | out   | conv 3x3 1, sigmoid (the paper's tanh, for [0, 1] pixels) |                                            |
+    | out   | conv 3x3 1, linear (``andor_output``; or a sigmoid, the paper's tanh for [0, 1] pixels) |             |
 
 (w = ``andor_width``; the paper's 4x4 -> 64x64 has four upsamplings and three sparse conv
 blocks, ours 7 -> 28 (13 -> 50) two and two; its k at each conv block is a quarter of the
 positions, which ``andor_k_fraction`` keeps.) Every activation is a ReLU followed by the
-layer's top-k: the kept units pass their values and gradients, the others are zero.
+layer's top-k: the kept units pass their values and gradients, the others are zero. The output is
+linear by default (``andor_output``, ours): under a Normal likelihood the sigmoid's gradient vanishes
+once a pixel saturates, and the dense ablation drove every pixel there (to black) within 20 steps at
+the quick preset's rate, so that the ablation would compare a trained network with a dead one.
 
 Learning (the paper's Algorithm 1): every training image keeps its own latent (``train_latents``,
 persistent across epochs); a step runs ``langevin_steps`` of
@@ -32,7 +35,7 @@ energy-based critic E (``EnergyCritic``) learns in the same step to give observe
 energy than images generated from fresh z ~ N(0, I), and the generator's loss adds
 ``critic_weight`` times E of those generated images.
 
-The guide is not amortized: for held-out images it climbs log p(z, x) from z = 0 with
+The guide is not amortized: for held-out images it climbs log p(z, x) from a prior draw with
 ``infer_steps`` of Adam (``infer_lr``; from scratch, fixed-step Langevin climbs far more slowly),
 then runs ``proposal_samples`` Langevin steps from there and returns q(z | x) = Normal(the
 latent found, the states' root-mean-square distance from it), one Gaussian per image around
@@ -76,7 +79,7 @@ def top_k_positions(h: torch.Tensor, k: int) -> torch.Tensor:
 
 
 class SparseGenerator(nn.Module):
-    """g(z): (*B, z_dim) -> (*B, 1, S, S) in (0, 1), the table in the module docstring.
+    """g(z): (*B, z_dim) -> (*B, 1, S, S), the table in the module docstring (in (0, 1) with output "sigmoid").
 
     ``LAYERS`` names what the figures draw: layer 1 (the fully connected map), 2 and 3 (the
     sparse conv blocks), 4 (the dense block). ``forward_from(layer, h)`` runs the layers after
@@ -84,9 +87,12 @@ class SparseGenerator(nn.Module):
 
     LAYERS = (1, 2, 3, 4)
 
-    def __init__(self, z_dim: int, image_size: int, width: int, sparse: bool, k_fc: int, k_fraction: float):
+    def __init__(self, z_dim: int, image_size: int, width: int, sparse: bool, k_fc: int, k_fraction: float,
+                 output: str = "linear"):
         super().__init__()
-        self.z_dim, self.image_size, self.sparse = z_dim, image_size, sparse
+        if output not in ("linear", "sigmoid"):
+            raise ValueError(f"output must be 'linear' or 'sigmoid', not {output!r}")
+        self.z_dim, self.image_size, self.sparse, self.output = z_dim, image_size, sparse, output
         self.sizes = (math.ceil(image_size / 4), math.ceil(image_size / 2), image_size)
         self.channels = (4 * width, 4 * width, 2 * width, width)
         self.k_fc = k_fc
@@ -126,7 +132,8 @@ class SparseGenerator(nn.Module):
         """The image (N, 1, S, S) that the layers after ``layer`` draw from its activation h."""
         for above in range(layer, self.LAYERS[-1]):
             h = self.next_layer(above, h)
-        return torch.sigmoid(self.out(h))
+        image = self.out(h)
+        return torch.sigmoid(image) if self.output == "sigmoid" else image
 
     def activations(self, z: torch.Tensor) -> dict[int, torch.Tensor]:
         """Every layer's activation for z (N, z_dim): {layer: (N, C_l, S_l, S_l)}."""
@@ -178,7 +185,7 @@ class SparseAndOr(nn.Module):
         self.config = c = config
         self.z_dim = c.z_dim
         self.generator = SparseGenerator(c.z_dim, c.image_size, c.andor_width, c.sparsity == "top-k",
-                                         c.andor_k_fc, c.andor_k_fraction)
+                                         c.andor_k_fc, c.andor_k_fraction, c.andor_output)
         self.critic = EnergyCritic(c.image_size, c.andor_width) if c.andor_critic else None
         self.likelihood = make_likelihood(c.likelihood, c.likelihood_scale)
         # one latent per training image, persistent across epochs; sized by the training step
@@ -208,22 +215,36 @@ class SparseAndOr(nn.Module):
 
     def langevin(self, z: torch.Tensor, x: torch.Tensor, steps: int, noise: bool = True) -> torch.Tensor:
         """``steps`` Langevin updates of z (B, z_dim) on log p(z, x) with step size config.langevin_step_size
-        (noise=False: gradient ascent with the same step). The generator's gradients are untouched."""
-        delta = self.config.langevin_step_size
+        (noise=False: gradient ascent with the same step). The generator's gradients are untouched.
+
+        Each latent's drift (delta^2 / 2) grad is shortened to at most config.langevin_max_drift in norm when
+        that is set: with a linear output the generator is piecewise linear in z, and a fixed-step update
+        whose drift overshoots the mode grows geometrically (guides/sparse-andor.md); a bounded drift keeps
+        such a latent within reach of its mode."""
+        c = self.config
+        delta = c.langevin_step_size
         z = z.detach()
         with torch.enable_grad():
             for _ in range(steps):
                 z.requires_grad_(True)
                 (grad,) = torch.autograd.grad(self.log_joint(z, x).sum(), z)
-                z = z.detach() + 0.5 * delta ** 2 * grad
+                drift = 0.5 * delta ** 2 * grad
+                if c.langevin_max_drift is not None:
+                    norm = drift.norm(dim=-1, keepdim=True)
+                    drift = drift * (c.langevin_max_drift / norm.clamp_min(c.langevin_max_drift))
+                z = z.detach() + drift
                 if noise:
                     z = z + delta * torch.randn_like(z)
         return z.detach()
 
     def find_mode(self, x: torch.Tensor, steps: int) -> torch.Tensor:
-        """(B, z_dim): ``steps`` of Adam at rate config.infer_lr on -log p(z, x) from z = 0, per image (the
-        images' terms are separate, so the summed loss gives each latent its own gradient)."""
-        z = x.new_zeros(x.shape[0], self.z_dim, requires_grad=True)
+        """(B, z_dim): ``steps`` of Adam at rate config.infer_lr on -log p(z, x) from a draw of the prior, per
+        image (the images' terms are separate, so the summed loss gives each latent its own gradient).
+
+        Not from z = 0: once the fully connected layer's biases are negative, every unit is off at z = 0 and
+        its gradient is exactly zero there, so Adam never leaves it (guides/sparse-andor.md: a quick run got
+        there). Training's persistent latents start from the prior too."""
+        z = torch.randn(x.shape[0], self.z_dim, device=x.device, dtype=x.dtype).requires_grad_(True)
         optimizer = torch.optim.Adam([z], lr=self.config.infer_lr)
         with torch.enable_grad():
             for _ in range(steps):
@@ -237,8 +258,7 @@ class SparseAndOr(nn.Module):
         """The held-out inference of the guide: (loc, scale), each (B, z_dim): loc is ``find_mode``'s latent
         after ``infer_steps``, scale the root-mean-square distance from it of ``proposal_samples`` Langevin
         states started there (centred at the mode rather than at the states' mean, which drifts off it
-        under the training's step size: on 64 MNIST test images the IWAE bound, K=20, was 244.6 nats
-        against 287.1).
+        under the training's step size and gave a looser bound: guides/sparse-andor.md).
 
         Asked again for the same tensor x (the same object, unmodified) while the generator is unchanged, it
         returns its last answer: evaluation asks the guide for every chunk of importance samples and then
