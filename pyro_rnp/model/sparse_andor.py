@@ -54,7 +54,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pyro import poutine
 
-from .config import RNPConfig
+from .config import ANDOR_OUTPUTS, RNPConfig
 from .likelihoods import make_likelihood
 
 
@@ -90,8 +90,8 @@ class SparseGenerator(nn.Module):
     def __init__(self, z_dim: int, image_size: int, width: int, sparse: bool, k_fc: int, k_fraction: float,
                  output: str = "linear"):
         super().__init__()
-        if output not in ("linear", "sigmoid"):
-            raise ValueError(f"output must be 'linear' or 'sigmoid', not {output!r}")
+        if output not in ANDOR_OUTPUTS:
+            raise ValueError(f"output must be one of {', '.join(ANDOR_OUTPUTS)}, not {output!r}")
         self.z_dim, self.image_size, self.sparse, self.output = z_dim, image_size, sparse, output
         self.sizes = (math.ceil(image_size / 4), math.ceil(image_size / 2), image_size)
         self.channels = (4 * width, 4 * width, 2 * width, width)
