@@ -180,6 +180,23 @@ def test_the_template_matching_score_is_one_for_an_image_patch_and_low_for_noise
     assert low["primitives"] == 4 and low["images"] == 20 and low["score"] < 0.3
 
 
+def test_a_layer_3_unit_in_context_draws_only_within_its_receptive_field(mnist_images):
+    torch.manual_seed(0)
+    model = SparseAndOr(tiny_config(infer_steps=5, proposal_samples=2)).eval()
+    drawings = model.basis_functions(3, mnist_images[:8], in_context=True)[:, 0]
+    assert drawings.shape == (model.generator.channels[2], 28, 28)
+    # a layer-3 unit at 14x14 covers a 2x2 block at 28x28; two 3x3 convs and the 3x3 output widen it by 3 each side
+    drawn = 0
+    for d in drawings:
+        rows, cols = torch.nonzero(d.abs() > 1e-6, as_tuple=True)
+        if rows.numel():
+            drawn += 1
+            assert rows.max() - rows.min() < 8 and cols.max() - cols.min() < 8
+    assert drawn >= 2                                # the test is not vacuous: some units are active
+    alone = model.basis_functions(3, mnist_images[:8], units=3)
+    assert alone.shape == (3, 1, 28, 28) and torch.isfinite(alone).all()
+
+
 def test_fit_trains_the_quick_preset_and_the_ablation_from_the_command_line(tmp_path):
     from pyro_rnp import load_run
     run_dir = tmp_path / "andor"
@@ -231,8 +248,9 @@ def test_a_run_keeps_its_latents_resumes_and_every_command_works_or_refuses(tiny
     out = command("pyro_rnp.figures", str(run_dir), "--which", "basis,primitives,samples")
     assert out.returncode == 0, out.stderr[-3000:]
     record = json.loads((run_dir / "figures.json").read_text())
-    entry = record["interpretability"]["layer 3 basis functions"]   # a tiny generator may draw none visibly
-    assert entry["images"] == 100 and (entry["primitives"] == 0 or 0 <= entry["score"] <= 1), entry
+    for kind in ("layer 3 basis functions", "layer 3 basis functions in context"):
+        entry = record["interpretability"][kind]   # a tiny generator may draw none visibly
+        assert entry["images"] == 100 and (entry["primitives"] == 0 or 0 <= entry["score"] <= 1), entry
     assert (run_dir / "figures" / "basis.png").stat().st_size > 1000
     for args, message in ((["pyro_rnp.figures", str(run_dir), "--which", "parse"], "no program trees"),
                           (["pyro_rnp.transfer", str(run_dir), "--classes", "2"], "is not one encoder")):

@@ -6,7 +6,9 @@ A model's primitives, drawn as images (``model_primitives``):
   air, dmvae    "parts": each present object's window placed on the canvas;
   vae           "decoder units": decode(2 e_j) - decode(0) for every latent unit j;
   sparse-andor  "layer 3 basis functions" (the paper's Table 4 layer): what one active unit of
-                the layer draws, minus what the generator draws from nothing (its biases).
+                the layer draws alone, minus what the generator draws from nothing (its biases), and
+                "layer 3 basis functions in context": what the unit adds to the training image where
+                it is most active (SparseAndOr.basis_functions).
 Each drawing is cropped to its ink (the box of pixels whose magnitude passes INK of its largest;
 drawings that draw nothing visible, crops narrower than MIN_SIDE pixels and crops without spread
 are dropped), and the score is the mean, over the first MAX_PRIMITIVES primitives and the
@@ -66,7 +68,8 @@ def model_primitives(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
     try:
         x = x[:DRAWN_FROM] if x.shape[0] > DRAWN_FROM else x  # the same tensor keeps the generator's inference
         if has(model, "basis"):
-            return {"layer 3 basis functions": model.basis_functions(3, x)[:, 0]}
+            return {"layer 3 basis functions": model.basis_functions(3, x)[:, 0],
+                    "layer 3 basis functions in context": model.basis_functions(3, x, in_context=True)[:, 0]}
         if has(model, "programs"):
             tree = model.parse(x)
             leaves = torch.cat([node.patches.flatten(0, 1) for node in tree.levels()[-1]])
@@ -117,14 +120,16 @@ def plot_primitives(model, x: torch.Tensor, images: torch.Tensor, path, columns:
 
 @torch.no_grad()
 def plot_basis(model, x: torch.Tensor, path, units: int = 12) -> tuple:
-    """The AND-OR dictionary: for every layer of the sparse generator, what one active unit draws (its
-    ``units`` strongest channels, by their mean largest activation on images x) -> (path, summary)."""
+    """The AND-OR dictionary: for every layer of the sparse generator, what one active unit draws alone and
+    what it adds to the image (of x) where it is most active, for its ``units`` strongest channels (by
+    their mean largest activation on images x) -> (path, summary)."""
     from .plots import image_grid
     rows, summary = [], {}
     for layer in model.generator.LAYERS:
-        d = model.basis_functions(layer, x, units)[:, 0]
-        rows.append((f"layer {layer}", _normalised(d)))
-        summary[f"layer {layer}"] = {"units_drawn": int(d.shape[0])}
+        alone = model.basis_functions(layer, x, units)[:, 0]
+        in_context = model.basis_functions(layer, x, units, in_context=True)[:, 0]
+        rows += [(f"layer {layer}\nalone", _normalised(alone)), (f"layer {layer}\nin an image", _normalised(in_context))]
+        summary[f"layer {layer}"] = {"units_drawn": int(alone.shape[0])}
     title = (f"basis functions ({'top-k sparse' if model.generator.sparse else 'dense'} generator): "
-             "what one active unit draws")
+             "what one active unit draws alone, and adds to the image where it is most active")
     return image_grid(rows, path, title), summary

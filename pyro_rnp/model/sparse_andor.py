@@ -310,18 +310,37 @@ class SparseAndOr(nn.Module):
         return self.likelihood.mean(self.generator(torch.randn(n, self.z_dim, device=device)))
 
     @torch.no_grad()
-    def basis_functions(self, layer: int, images: torch.Tensor, units: int | None = None) -> torch.Tensor:
-        """What a single active unit of ``layer`` draws: (C_l or ``units``, 1, S, S).
+    def basis_functions(self, layer: int, images: torch.Tensor, units: int | None = None,
+                        in_context: bool = False) -> torch.Tensor:
+        """What a single active unit of ``layer`` draws: (C_l or ``units``, 1, S, S), one drawing per
+        channel, the channels in order of strength (their mean largest activation over ``images``, at
+        the images' inferred latents) when ``units`` is given.
 
-        For channel c the activation is zero except c at the map's centre, set to the channel's mean
-        largest activation over ``images`` (at their inferred latents); the drawing is what the layers
-        above draw from it minus what they draw from all zeros (the generator's biases alone)."""
+        Alone (the default): the layer's map is zero except channel c at the map's centre, set to the
+        channel's strength; the drawing is what the layers above draw from it minus what they draw
+        from all zeros (the generator's biases alone). Above a top-k layer most entries of that map
+        tie, so which positions survive the next top-k is arbitrary, and a layer-1 or -2 unit's
+        drawing shows it.
+
+        ``in_context``: the unit at its largest activation over ``images`` (that image, that
+        position); the drawing is the image the generator draws from the layer's full activation
+        minus the image it draws with that one unit set to zero: what the unit adds to a real
+        image, where the other units decide the top-k selections above it as they do in training."""
         g = self.generator
         acts = g.activations(self.infer(images)[0])[layer]               # (N, C, s, s)
-        strength = acts.flatten(2).amax(2).mean(0)                      # (C,)
+        peaks, where = acts.flatten(2).max(2)                           # (N, C): each channel's largest, where
+        strength = peaks.mean(0)                                        # (C,)
         channels, side = acts.shape[1], acts.shape[2]
-        chosen = strength.argsort(descending=True)[:units] if units else torch.arange(channels)
+        chosen = (strength.argsort(descending=True)[:units] if units else torch.arange(channels)).to(acts.device)
+        rows = torch.arange(chosen.numel(), device=acts.device)
+        if in_context:
+            best = peaks[:, chosen].argmax(0)                           # (U,): the image where each is largest
+            position = where[best, chosen]
+            h = acts[best]                                              # (U, C, s, s)
+            without = h.clone()
+            without[rows, chosen, position // side, position % side] = 0.0
+            return g.forward_from(layer, h) - g.forward_from(layer, without)
         h = acts.new_zeros(chosen.numel(), channels, side, side)
-        h[torch.arange(chosen.numel()), chosen.to(h.device), side // 2, side // 2] = strength[chosen]
+        h[rows, chosen, side // 2, side // 2] = strength[chosen]
         background = g.forward_from(layer, acts.new_zeros(1, channels, side, side))
         return g.forward_from(layer, h) - background
