@@ -138,12 +138,15 @@ def open_run(run_dir, device: str, needs: str | None = None, what: str = "this c
 def held_out(config, data_dir, download: bool, limit: int | None = None):
     """The held-out (images, labels) a command on a run reads: the first ``limit`` test images
     without the run's excluded classes; for a run whose guide was fitted to fixed images
-    (autonormal), those images only."""
-    from .data import load_images
+    (autonormal), those images only; for a run on dynamically binarised images, their held-out draw."""
+    from .data import binarize, load_images
     exclude = config.exclude_classes
     if config.guide == "autonormal":
         limit, exclude = min(limit or config.limit, config.limit), ()
-    return load_images(config.dataset, "test", data_dir, download, limit, exclude).tensors
+    images, labels = load_images(config.dataset, "test", data_dir, download, limit, exclude).tensors
+    if getattr(config, "binarize", "none") == "dynamic":
+        images = binarize(images, config.seed)
+    return images, labels
 
 
 def write_result(run_dir, name: str, result: dict) -> pathlib.Path:

@@ -26,7 +26,7 @@ from .cli import (ClassList, StopRequest, check_amp, data_options, fast_path_ena
 from .data import DATASETS
 from .fast import prepare_process_for_training
 from .model import components
-from .model.config import ANDOR_OUTPUTS, LIKELIHOODS, SCHEDULES, SPARSITIES, RNPConfig
+from .model.config import ANDOR_OUTPUTS, BINARIZATIONS, LIKELIHOODS, SCHEDULES, SPARSITIES, RNPConfig
 from .model.likelihoods import make_likelihood
 from .model.registry import model_entry, model_names
 from .training.distributed import Context, broadcast_from_main, sum_across, teardown
@@ -43,7 +43,8 @@ CONFIG_FLAGS = {"dataset": "dataset", "preset": "schedule", "batch_size": "batch
                 "exclude_classes": "exclude_classes",
                 "prior": "prior", "prior_components": "prior_components", "flow_layers": "flow_layers",
                 "guide": "guide", "guide_rank": "guide_rank", "decoder": "decoder", "plugins": "plugins",
-                "sparsity": "sparsity", "critic": "andor_critic", "andor_output": "andor_output"}
+                "sparsity": "sparsity", "critic": "andor_critic", "andor_output": "andor_output",
+                "binarize": "binarize"}
 
 
 def train(config: RNPConfig, run_dir: pathlib.Path, device: torch.device, data_dir=None, download: bool = True,
@@ -106,9 +107,15 @@ def write_figures(model, run_dir: pathlib.Path, x: torch.Tensor) -> None:
 @click.option("--steps", type=click.IntRange(min=1), help="Children per program, tau [4].")
 @click.option("--hidden", type=click.IntRange(min=1), help="Width of the hypernetwork and generated layers [64].")
 @click.option("--likelihood", type=click.Choice(LIKELIHOODS),
-              help="normal: Gaussian with sigma 0.5 (the paper's loss); bernoulli: binarised pixels [normal].")
+              help="normal: Gaussian with a fixed sigma (0.5: the paper's loss); normal-learned, normal-pixel: "
+              "sigma learned (one, or per pixel); laplace: scale learned; continuous-bernoulli: grey levels in "
+              "[0, 1]; bernoulli: binarised pixels [normal].")
 @click.option("--likelihood-scale", type=click.FloatRange(min=0, min_open=True),
-              help="sigma of --likelihood normal [0.5, the paper's; 0.3 on multi-mnist, AIR's].")
+              help="sigma of --likelihood normal, the starting sigma or b of the learned ones "
+              "[0.5, the paper's; 0.3 on multi-mnist, AIR's].")
+@click.option("--binarize", type=click.Choice(BINARIZATIONS), help="dynamic: train on a fresh Bernoulli draw of "
+              "every pixel from its grey level each epoch, evaluate on one fixed draw of the held-out images (the "
+              "standard binarised-MNIST benchmark; with --likelihood bernoulli) [none].")
 @click.option("--prior", help="p(z): normal (paper), mog, vamp, flow, or one registered by a --plugin [normal].")
 @click.option("--prior-components", type=click.IntRange(min=1), help="K for --prior mog and vamp [16].")
 @click.option("--flow-layers", type=click.IntRange(min=1), help="Transforms in --prior flow and --guide resnet-iaf [2].")
@@ -153,7 +160,7 @@ def write_figures(model, run_dir: pathlib.Path, x: torch.Tensor) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
 def main(ctx, dataset, preset, epochs, batch_size, lr, head_lr_scale, z_dim, depth, steps, hidden, likelihood,
-         likelihood_scale, prior, prior_components, flow_layers, guide, guide_rank, model_name, decoder, sparsity,
+         likelihood_scale, binarize, prior, prior_components, flow_layers, guide, guide_rank, model_name, decoder, sparsity,
          critic, andor_output, plugins, source_dir, device, seed, limit, exclude_classes, data_dir, no_download, run_dir,
          resume_dir, eval_limit, amp, compile_, quiet):
     """Train a model (a Recursive Neural Program by default) with SVI and write a run folder.
@@ -206,7 +213,9 @@ def main(ctx, dataset, preset, epochs, batch_size, lr, head_lr_scale, z_dim, dep
     echo = click.echo if context.is_main else (lambda message: None)
     batch = (f"batch {config.batch_size} per process x {context.world} processes" if context.active
              else f"batch {config.batch_size}")
-    likelihood = make_likelihood(config.likelihood, config.likelihood_scale).name
+    likelihood = make_likelihood(config.likelihood, config.likelihood_scale, config.image_size).name
+    if config.binarize != "none":
+        likelihood += f" on {config.binarize}ally binarised images"
     depth = f"depth {config.depth}, " if config.model == "rnp" else ""
     epoch_count = f"{config.epochs} epoch{'s' if config.epochs != 1 else ''}"
     echo(f"Run folder: {run_dir}  ({config.model} on {config.dataset}, preset {config.schedule}, {epoch_count}, "

@@ -7,7 +7,7 @@
 """
 from .atomic import atomic_write, write_json
 from .catalog import DATASETS, SPLITS
-from .images import DataError, cache_dir, class_names, default_data_dir, load_images
+from .images import DataError, binarize, cache_dir, class_names, default_data_dir, load_images
 
-__all__ = ["DATASETS", "SPLITS", "DataError", "atomic_write", "cache_dir", "class_names", "default_data_dir",
+__all__ = ["DATASETS", "SPLITS", "DataError", "atomic_write", "binarize", "cache_dir", "class_names", "default_data_dir",
            "load_images", "write_json"]

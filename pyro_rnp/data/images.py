@@ -305,6 +305,20 @@ def load_images(
     return TensorDataset(images.to(torch.float32).div_(255.0), labels.to(torch.int64))
 
 
+def binarize(images: torch.Tensor, seed: int, epoch: int | None = None) -> torch.Tensor:
+    """Dynamic binarisation: images (N, ...) of grey levels in [0, 1] -> each pixel 1 with probability
+    its grey level, else 0, in the images' dtype and device.
+
+    The draw is a function of (seed, epoch) alone, a fresh one for every training epoch; ``epoch``
+    None is the held-out images' draw, one fixed set for every command on a run. It is drawn on
+    the CPU in image order, so the first M images of a longer tensor are binarised as those M alone
+    (a held-out ``--limit`` changes which images, never how they were binarised)."""
+    stream = [seed, 1] if epoch is None else [seed, 0, epoch]
+    generator = torch.Generator().manual_seed(int(np.random.SeedSequence(stream).generate_state(1)[0]))
+    draws = torch.rand(images.shape, generator=generator)
+    return (draws < images.detach().cpu().float()).to(device=images.device, dtype=images.dtype)
+
+
 def first(limit: int | None, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The first ``limit`` rows of each tensor (all of them for None)."""
     if limit is None:

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import RNPConfig
-from .likelihoods import make_likelihood
+from .likelihoods import make_likelihood, register as register_likelihood
 from .sequential import SequentialPartsModel, mlp
 from .spatial import crop, place
 
@@ -78,7 +78,7 @@ class AIR(SequentialPartsModel):
         self.encode = mlp([window, c.air_hidden, 2 * c.z_what_dim])
         self.baseline_rnn = nn.LSTMCell(lstm_input, state)
         self.baseline_head = mlp([state, c.air_hidden, 1])
-        self.likelihood = make_likelihood(c.likelihood, c.likelihood_scale)
+        self.likelihood = make_likelihood(c.likelihood, c.likelihood_scale, c.image_size)
         self.register_buffer("where_loc", torch.tensor([c.air_scale_mean, 0.0, 0.0]))
         self.register_buffer("where_scale", torch.tensor([c.air_scale_sd, c.air_position_sd, c.air_position_sd]))
 
@@ -103,6 +103,7 @@ class AIR(SequentialPartsModel):
     def model(self, x: torch.Tensor | None = None, batch_size: int | None = None, part_term: bool = True):
         """The generative model above (``part_term`` is the protocol's; AIR has no part-level term)."""
         pyro.module("air_decoder", self.decoder)
+        register_likelihood(self.likelihood)
         n = x.shape[0] if x is not None else batch_size
         with pyro.plate("data", n):
             canvas = self.where_loc.new_zeros(n, 1, self.canvas_size, self.canvas_size)

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 from ..data.catalog import DATASETS, IMAGE_SIZE
 
 SCHEDULES = ("paper", "quick")
-LIKELIHOODS = ("normal", "bernoulli")
+LIKELIHOODS = ("normal", "normal-learned", "normal-pixel", "laplace", "continuous-bernoulli", "bernoulli")
 ACTIVATIONS = ("elu", "linear")
 LR_SCHEDULES = ("constant", "cosine")
 SPARSITIES = ("top-k", "none")
 ANDOR_OUTPUTS = ("linear", "sigmoid")
+BINARIZATIONS = ("none", "dynamic")
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,11 @@ class RNPConfig:
     generated_activation: str = "elu" # between generated layers: "elu" (paper) or "linear" (authors' code)
     encoder_blocks: int = 5
     encoder_hidden: int = 64
-    likelihood: str = "normal"        # "normal" (sigma=likelihood_scale; 0.5 is the paper's loss) or "bernoulli"
-    likelihood_scale: float = 0.5
+    likelihood: str = "normal"        # one of LIKELIHOODS (likelihoods.py); "normal": sigma = likelihood_scale
+    likelihood_scale: float = 0.5     #   (0.5 is the paper's loss); the learned scales start at it
+    binarize: str = "none"            # "dynamic": each epoch a fresh Bernoulli draw of every training pixel from its
+                                      #   grey level, the held-out images one fixed draw (the standard MNIST
+                                      #   benchmark; needs likelihood "bernoulli")
     part_weight: float = 1.0          # weight of the part-level regulariser (a pyro.factor)
     # AIR (air.py): up to max_parts objects, each a window placed on the canvas
     max_parts: int = 3                # steps T
@@ -117,6 +121,9 @@ class RNPConfig:
             (self.lr_schedule in LR_SCHEDULES,
              f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, not {self.lr_schedule!r}"),
             (self.likelihood in LIKELIHOODS, f"likelihood must be one of {', '.join(LIKELIHOODS)}, not {self.likelihood!r}"),
+            (self.binarize in BINARIZATIONS, f"binarize must be one of {', '.join(BINARIZATIONS)}, not {self.binarize!r}"),
+            (self.binarize == "none" or self.likelihood == "bernoulli",
+             f"binarize {self.binarize!r} draws binary images: it needs likelihood 'bernoulli', not {self.likelihood!r}"),
             (self.generated_activation in ACTIVATIONS,
              f"generated_activation must be one of {', '.join(ACTIVATIONS)}, not {self.generated_activation!r}"),
             (self.depth >= 1, "depth must be at least 1"),

@@ -91,7 +91,7 @@ class DMVAE(SequentialPartsModel):
         self.slot_embedding = mlp([c.slot_size, *hidden])
         self.log_sharpness = nn.Parameter(torch.tensor(float(c.dmvae_sharpness)).log())
         self.noise_encoder = mlp([window + c.slot_size, *hidden, 2 * c.part_noise])
-        self.likelihood = make_likelihood(c.likelihood, c.likelihood_scale)
+        self.likelihood = make_likelihood(c.likelihood, c.likelihood_scale, c.image_size)
         self.register_buffer("where_loc", torch.tensor([c.air_scale_mean, c.air_scale_mean, 0.0, 0.0]))
         self.register_buffer("where_scale", torch.tensor([c.air_scale_sd, c.air_scale_sd, c.air_position_sd,
                                                           c.air_position_sd]))

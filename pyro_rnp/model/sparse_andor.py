@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from pyro import poutine
 
 from .config import ANDOR_OUTPUTS, RNPConfig
-from .likelihoods import make_likelihood
+from .likelihoods import make_likelihood, register as register_likelihood
 
 
 def top_k_channels(h: torch.Tensor, k: int) -> torch.Tensor:
@@ -187,7 +187,7 @@ class SparseAndOr(nn.Module):
         self.generator = SparseGenerator(c.z_dim, c.image_size, c.andor_width, c.sparsity == "top-k",
                                          c.andor_k_fc, c.andor_k_fraction, c.andor_output)
         self.critic = EnergyCritic(c.image_size, c.andor_width) if c.andor_critic else None
-        self.likelihood = make_likelihood(c.likelihood, c.likelihood_scale)
+        self.likelihood = make_likelihood(c.likelihood, c.likelihood_scale, c.image_size)
         # one latent per training image, persistent across epochs; sized by the training step
         self.register_buffer("train_latents", torch.zeros(0, c.z_dim))
         self._last_inference: tuple | None = None   # (x, its version, the generator's versions, (loc, scale))
@@ -197,6 +197,7 @@ class SparseAndOr(nn.Module):
         """Generative model for a batch x (B, 1, S, S); with x=None it generates batch_size images.
         ``part_term`` is accepted for the protocol (this model has no part-level term)."""
         pyro.module("andor_generator", self.generator)
+        register_likelihood(self.likelihood)
         n = batch_size if x is None else x.shape[0]
         if n is None:
             raise ValueError("pass images x or a batch_size")

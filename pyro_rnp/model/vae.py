@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from . import components
 from .config import RNPConfig
-from .likelihoods import make_likelihood
+from .likelihoods import make_likelihood, register as register_likelihood
 from .program import ExecutorOutput
 
 
@@ -44,7 +44,7 @@ class ComponentVAE(nn.Module):
         self.encoder = guide if guide is not None else components.build("guide", config.guide, config)
         self.prior = prior if prior is not None else components.build("prior", config.prior, config,
                                                                      guide=self.encoder)
-        self.likelihood = make_likelihood(config.likelihood, config.likelihood_scale)
+        self.likelihood = make_likelihood(config.likelihood, config.likelihood_scale, config.image_size)
 
     @property
     def has_parts(self) -> bool:
@@ -57,6 +57,7 @@ class ComponentVAE(nn.Module):
         ``part_term=False`` leaves out the part-level regulariser (a decoder without parts has none)."""
         pyro.module("rnp_prior", self.prior)
         pyro.module("rnp_executor", self.executor)
+        register_likelihood(self.likelihood)
         n = _batch_size(x, batch_size)
         with pyro.plate("data", n):
             z = pyro.sample("z", self.prior())

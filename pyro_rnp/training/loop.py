@@ -76,7 +76,8 @@ def state_finite(module: torch.nn.Module) -> bool:
 class TrainingLoop:
     """Epochs of ``step`` over ``images`` (N, 1, H, W), ``batch_size`` per process and step.
 
-    ``shuffle=False`` keeps the images' order (with one batch per epoch, every step sees them
+    ``images_for_epoch(epoch)``, when given, returns the images (N, 1, H, W) that epoch trains on in
+    place of ``images`` (a fresh binarisation each epoch). ``shuffle=False`` keeps the images' order (with one batch per epoch, every step sees them
     all in the same rows). ``on_rate(images_per_s, images_per_epoch)`` is called once, after the
     first few timed steps, so the caller can say how long training will take.
     """
@@ -84,8 +85,10 @@ class TrainingLoop:
     def __init__(self, step: TrainStep | AlternatingBackpropStep, images: torch.Tensor, batch_size: int,
                  seed: int = 0, shuffle: bool = True, context: Context = Context(), device: torch.device | None = None,
                  progress: bool = True, label: str = "epoch", hint: str = "",
-                 on_rate: Callable[[float, int], None] | None = None):
+                 on_rate: Callable[[float, int], None] | None = None,
+                 images_for_epoch: Callable[[int], torch.Tensor] | None = None):
         self.step, self.images, self.seed, self.shuffle = step, images, seed, shuffle
+        self.images_for_epoch = images_for_epoch
         self.context = context
         self.device = device or next(step.rnp.parameters()).device
         # a full-batch fit of a single image (the autonormal guide has no batch norm) is allowed
@@ -113,6 +116,7 @@ class TrainingLoop:
                        disable=per_epoch_bars or not self.progress)
         while epoch < epochs:
             order = self.order(epoch)
+            images = self.images if self.images_for_epoch is None else self.images_for_epoch(epoch)
             total_loss, total_images, skipped, bad_run = zero.clone(), zero.clone(), zero.clone(), zero.clone()
             bar = tqdm(range(first, self.batches), desc=f"{self.label} {epoch + 1}/{epochs}{self.hint}",
                        unit="batch", dynamic_ncols=True, disable=not (self.progress and per_epoch_bars),
@@ -120,7 +124,7 @@ class TrainingLoop:
             epoch_start, timed_from = time.perf_counter(), None
             for b in bar:
                 rows = shard(order, b, self.per_process, context)
-                x = self.images[rows].to(device, non_blocking=True)
+                x = images[rows].to(device, non_blocking=True)
                 loss, applied = self.step(x, step, index=rows)
                 step += 1
                 # kept on the device: reading them waits for the step, so they are read every SYNC_EVERY

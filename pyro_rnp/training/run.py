@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from ..data import load_images
+from ..data import binarize, load_images
 from ..model.config import RNPConfig
 from ..model.registry import build_model
 from .distributed import Context, sync_batch_norms
@@ -50,11 +50,15 @@ def compile_model(model: torch.nn.Module, **options) -> None:
 
 
 def load_datasets(config: RNPConfig, data_dir, download: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(training images, held-out images) of the run, in the default dtype."""
+    """(training images, held-out images) of the run, in the default dtype; under ``binarize
+    "dynamic"`` the held-out images binarised (their fixed draw), the training images grey."""
     train = load_images(config.dataset, "train", data_dir, download, config.limit, config.exclude_classes)
     test = load_images(config.dataset, "test", data_dir, download, config.eval_limit, config.exclude_classes)
     dtype = torch.get_default_dtype()  # float32 unless the caller chose float64 (torch.set_default_dtype)
-    return train.tensors[0].to(dtype), test.tensors[0].to(dtype)
+    test_images = test.tensors[0].to(dtype)
+    if config.binarize == "dynamic":  # the held-out draw; the training images are drawn afresh each epoch
+        test_images = binarize(test_images, config.seed)
+    return train.tensors[0].to(dtype), test_images
 
 
 def train_run(config: RNPConfig, run_dir: pathlib.Path, device: torch.device, scores: Scores,
@@ -162,7 +166,9 @@ def train_run(config: RNPConfig, run_dir: pathlib.Path, device: torch.device, sc
             if context.active else "")
     loop = TrainingLoop(step, train_images, per_process, config.seed, context=context, device=device,
                         progress=progress, hint=hint,
-                        on_rate=None if resume or not main else _how_long_teller(config, device))
+                        on_rate=None if resume or not main else _how_long_teller(config, device),
+                        images_for_epoch=(lambda epoch: binarize(train_images, config.seed, epoch))
+                        if config.binarize == "dynamic" else None)
     end, stopped = loop.run(config.epochs, start, stop, end_of_epoch)
     # stopped at an epoch's end, the checkpoint of that epoch is already the one to resume from
     path = checkpoint(end) if stopped else run_dir / CHECKPOINT
