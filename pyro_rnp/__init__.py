@@ -7,7 +7,7 @@ The package is in layers, each importing only the ones before it:
     fast/      speed only: the same computations as model/, faster (tests hold them equal)
     training/  the SVI step, the one training loop, run folders, several processes
     analysis/  evaluation, predictive checks, figures, program space, transfer, per-image fits
-    fit.py, evaluate.py, ppc.py, figures.py, transfer.py, bench.py, gpucheck.py
+    fit.py, evaluate.py, ppc.py, figures.py, transfer.py, export.py, bench.py, gpucheck.py
                the commands (``python -m pyro_rnp.fit`` ...), thin: options, then one call each
 """
 import sys as _sys
@@ -28,7 +28,8 @@ for _old, _module in (("components", _components), ("guides", _guides), ("priors
     _sys.modules.setdefault(f"{__name__}.{_old}", _module)
 
 
-def load_run(run_dir, device="cpu", fast: bool = True):
-    """The trained model of a run folder (an RNP, or whichever model the run trained), in eval mode."""
+def load_run(run_dir, device="cpu", fast: bool = True, weights_only: bool = False):
+    """The trained model of a run folder (an RNP, or whichever model the run trained), in eval mode: from
+    its checkpoint.pt, or its half-precision weights.pt (``weights_only``, or where that is all it holds)."""
     from .training.runs import load_run as _load_run
-    return _load_run(run_dir, device=device, fast=fast)
+    return _load_run(run_dir, device=device, fast=fast, weights_only=weights_only)

@@ -31,8 +31,8 @@ from .model.likelihoods import make_likelihood
 from .model.registry import model_entry, model_names
 from .training.distributed import Context, broadcast_from_main, sum_across, teardown
 from .training.distributed import setup as distributed_setup
-from .training.runs import (CHECKPOINT, RunError, append_metrics, load_run, new_run_dir, read_config, read_metrics,
-                            save_checkpoint, write_config)
+from .training.runs import (CHECKPOINT, WEIGHTS, RunError, append_metrics, check_resumable, load_run, new_run_dir,
+                            read_config, read_metrics, save_checkpoint, write_config)
 from .training.run import train_run
 
 # CLI flag -> config field; a resumed run refuses any of these that disagree with its config
@@ -187,6 +187,7 @@ def main(ctx, dataset, preset, epochs, batch_size, lr, head_lr_scale, z_dim, dep
         if run_dir is not None:
             raise click.UsageError("--resume continues a run in its own folder; drop --run-dir")
         config = read_config(resume_dir)
+        check_resumable(resume_dir)
         clashes = [f"{_flag(flag)} {value}" + f" (the run has {getattr(config, CONFIG_FLAGS[flag])})"
                    for flag, value in given.items() if value != getattr(config, CONFIG_FLAGS[flag])]
         if clashes:
@@ -207,7 +208,7 @@ def main(ctx, dataset, preset, epochs, batch_size, lr, head_lr_scale, z_dim, dep
             raise click.UsageError(str(e)) from None
         run_dir = run_dir or new_run_dir(dataset)
         run_dir = broadcast_from_main(context, run_dir)  # under torchrun: rank 0's folder name everywhere
-        if (run_dir / CHECKPOINT).exists():
+        if (run_dir / CHECKPOINT).exists() or (run_dir / WEIGHTS).exists():
             raise RunError(f"{run_dir} already holds a run; use --resume {run_dir} to continue it, "
                            "or choose another --run-dir.")
     echo = click.echo if context.is_main else (lambda message: None)

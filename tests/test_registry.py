@@ -122,7 +122,7 @@ def test_fit_takes_a_model_by_name_and_refuses_an_mlp_rnp(tmp_path):
     assert out.returncode == 2 and "unknown model 'nope'; choose one of rnp, vae, air, dmvae" in out.stderr
 
 
-@pytest.mark.parametrize("name", ["evaluate", "ppc", "figures", "transfer"])
+@pytest.mark.parametrize("name", ["evaluate", "ppc", "figures", "transfer", "export"])
 def test_the_commands_on_a_run_share_their_options(name):
     out = command(name, "--help")
     assert out.returncode == 0

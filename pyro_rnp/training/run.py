@@ -106,7 +106,7 @@ def train_run(config: RNPConfig, run_dir: pathlib.Path, device: torch.device, sc
                                   "lr": config.lr})
     start, wall_before = Position(), 0.0
     if resume:
-        payload = load_checkpoint(run_dir, map_location=device)
+        payload = load_checkpoint(run_dir, map_location=device, resume=True)
         load_state(model, payload, run_dir / CHECKPOINT)
         optimizer.load_state_dict(payload["optimizer"])
         set_rng_state(payload["rng"])

@@ -21,6 +21,7 @@ from ..data.atomic import atomic_write, write_json
 from ..model.config import RNPConfig
 
 CHECKPOINT = "checkpoint.pt"
+WEIGHTS = "weights.pt"              # the weights alone, in half precision: what a committed reference run ships
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 FORMAT = 1
@@ -125,11 +126,44 @@ def save_checkpoint(run_dir: pathlib.Path, rnp, optimizer, *, epoch: int, step: 
     return path
 
 
-def load_checkpoint(run_dir: pathlib.Path, map_location="cpu") -> dict:
-    """The checkpoint of a run folder, checked against the folder's config."""
+def save_weights(run_dir: pathlib.Path, rnp, dtype: torch.dtype = torch.float16, **extra) -> pathlib.Path:
+    """Atomically write ``WEIGHTS``: the model's state with every floating tensor in ``dtype`` (half the
+    bytes of float32, for sharing a trained run), its config, no optimizer or RNG state. Refuses a
+    state that ``dtype`` cannot hold (a finite value that overflows it)."""
+    state = {name: t.detach().to("cpu", dtype) if t.is_floating_point() else t.detach().cpu()
+             for name, t in rnp.state_dict().items()}
+    full = rnp.state_dict()
+    bad = [name for name, t in state.items()
+           if t.is_floating_point() and not torch.equal(torch.isfinite(t), torch.isfinite(full[name].cpu()))]
+    if bad:
+        raise RunError(f"not writing {WEIGHTS}: {', '.join(bad[:3])} overflow {dtype} (keep {CHECKPOINT} instead)")
+    payload = {"format": FORMAT, "config": rnp.config.to_dict(), "model": state, "optimizer": None,
+               "weights_only": str(dtype).removeprefix("torch."), "versions": versions(), **extra}
+    path = pathlib.Path(run_dir) / WEIGHTS
+    atomic_write(path, lambda p: torch.save(payload, p))
+    return path
+
+
+def check_resumable(run_dir: pathlib.Path) -> None:
+    """Refuse, in one line, to resume a folder that holds only shared weights (no optimizer state)."""
+    run_dir = pathlib.Path(run_dir)
+    if not (run_dir / CHECKPOINT).is_file() and (run_dir / WEIGHTS).is_file():
+        raise RunError(f"{run_dir} holds only its weights in half precision ({WEIGHTS}), without the "
+                       "optimizer's state: it can be evaluated and drawn but not resumed; start a new run.")
+
+
+def load_checkpoint(run_dir: pathlib.Path, map_location="cpu", resume: bool = False,
+                    weights_only: bool = False) -> dict:
+    """The checkpoint of a run folder, checked against the folder's config: ``CHECKPOINT``, or where
+    the folder holds only ``WEIGHTS`` (a shared run), or with ``weights_only``, those weights, which
+    cannot be resumed."""
     run_dir = pathlib.Path(run_dir)
     config = read_config(run_dir)
     path = run_dir / CHECKPOINT
+    if resume:
+        check_resumable(run_dir)
+    if weights_only or (not path.is_file() and (run_dir / WEIGHTS).is_file()):
+        path = run_dir / WEIGHTS
     if not path.is_file():
         raise RunError(f"{run_dir} has no {CHECKPOINT} yet: the run stopped before its first save. "
                        "Start it again, or resume a run that has one.")
@@ -150,6 +184,7 @@ def load_checkpoint(run_dir: pathlib.Path, map_location="cpu") -> dict:
 
 
 def load_state(rnp, payload: dict, path="checkpoint") -> None:
+    """Load a checkpoint's model state into rnp (half-precision weights are widened to the model's dtype)."""
     try:
         rnp.load_state_dict(payload["model"])
     except RuntimeError as e:
@@ -157,18 +192,19 @@ def load_state(rnp, payload: dict, path="checkpoint") -> None:
                        f"{str(e).splitlines()[0][:200]}") from None
 
 
-def load_run(run_dir, device="cpu", fast: bool = True):
+def load_run(run_dir, device="cpu", fast: bool = True, weights_only: bool = False):
     """The trained model of a run folder (whichever model it trained), in eval mode, on ``device``;
-    with ``fast`` its generated programs run on the fast path (``pyro_rnp.fast.accelerate``)."""
+    with ``fast`` its generated programs run on the fast path (``pyro_rnp.fast.accelerate``). It reads
+    ``CHECKPOINT``, or ``WEIGHTS`` where that is all the folder holds or ``weights_only`` asks."""
     from .. import fast as fast_path
     from ..model.registry import build_model
     run_dir = pathlib.Path(run_dir)
-    payload = load_checkpoint(run_dir, map_location=device)
+    payload = load_checkpoint(run_dir, map_location=device, weights_only=weights_only)
     try:
         model = build_model(RNPConfig.from_dict(payload["config"]))
     except ValueError as e:  # a model or component this install does not have
         raise RunError(f"{run_dir} cannot be rebuilt: {e}") from None
-    load_state(model, payload, run_dir / CHECKPOINT)
+    load_state(model, payload, run_dir / (WEIGHTS if payload.get("weights_only") else CHECKPOINT))
     if fast:
         fast_path.accelerate(model)
     return model.to(device).eval()

@@ -1,0 +1,77 @@
+"""Half-precision weights for sharing a trained run: they score as the float32 weights do, every
+command reads a folder that holds only them, and resuming from them is refused in one line."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pyro
+import pytest
+import torch
+
+from conftest import REPO, SHARED_DATA, tiny_config
+from pyro_rnp import load_run
+from pyro_rnp.analysis.evaluate import evaluate
+from pyro_rnp.training.runs import CHECKPOINT, WEIGHTS, RunError, save_weights
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    from pyro_rnp.fit import train
+    run_dir = tmp_path_factory.mktemp("export") / "run"
+    train(tiny_config(dataset="fashion", limit=64, epochs=1, eval_limit=8), run_dir, torch.device("cpu"),
+          SHARED_DATA, download=False, progress=False)
+    return run_dir
+
+
+def command(*args):
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=REPO, timeout=600,
+                          env=dict(os.environ, PYRO_RNP_DATA=str(SHARED_DATA)))
+
+
+def test_half_precision_weights_give_the_same_held_out_bound_within_a_tenth_of_a_nat(trained_run, fashion_images):
+    model = load_run(trained_run)
+    save_weights(trained_run, model)
+    halved = load_run(trained_run, weights_only=True)
+    payload = torch.load(trained_run / WEIGHTS, weights_only=False)
+    assert payload["optimizer"] is None and all(t.dtype == torch.float16 for t in payload["model"].values()
+                                                if t.is_floating_point())
+    assert all(p.dtype == torch.float32 for p in halved.parameters())          # widened again on loading
+    scores = []
+    for m in (model, halved):
+        pyro.set_rng_seed(0)
+        scores.append(evaluate(m, fashion_images[:64])["neg_elbo"])
+    assert scores[0] != scores[1] and abs(scores[0] - scores[1]) < 0.1, scores
+
+
+def test_a_folder_with_only_weights_is_evaluated_and_refuses_to_resume(trained_run, tmp_path):
+    shared = tmp_path / "shared-run"
+    shutil.copytree(trained_run, shared, ignore=shutil.ignore_patterns(CHECKPOINT))
+    save_weights(shared, load_run(trained_run))
+    assert not (shared / CHECKPOINT).exists()
+    assert isinstance(load_run(shared), torch.nn.Module)
+    out = command("pyro_rnp.evaluate", str(shared), "--limit", "8", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    out = command("pyro_rnp.fit", "--resume", str(shared), "--epochs", "2", "--quiet")
+    assert out.returncode == 1 and "not resumed" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    out = command("pyro_rnp.fit", "--dataset", "fashion", "--run-dir", str(shared), "--quiet")
+    assert out.returncode == 1 and "already holds a run" in out.stderr, out.stderr
+
+
+def test_the_export_command_reports_size_and_the_difference(trained_run):
+    out = command("pyro_rnp.export", str(trained_run), "--limit", "16", "--json")
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["megabytes"] < result["checkpoint_megabytes"] / 3 and abs(result["difference_nats"]) < 0.1
+    assert json.loads((trained_run / "export.json").read_text())["dtype"] == "float16"
+
+
+def test_weights_that_overflow_half_precision_are_refused(trained_run, tmp_path):
+    model = load_run(trained_run)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = 1e6                                # beyond float16's 65,504
+    with pytest.raises(RunError, match="overflow"):
+        save_weights(tmp_path, model)
+    assert not (tmp_path / WEIGHTS).exists()
