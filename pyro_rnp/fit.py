@@ -95,7 +95,8 @@ def write_figures(model, run_dir: pathlib.Path, x: torch.Tensor) -> None:
               help="Training data (Omniglot: background set; its evaluation set is held out).")
 @click.option("--preset", type=click.Choice(SCHEDULES), default="paper", show_default=True,
               help="paper: the paper's settings (200 epochs, 400 for Omniglot, lr 4e-5). "
-                   "quick: same model, a schedule of minutes on a CPU.")
+                   "quick: same model, a schedule of minutes on a CPU. long (rnp, vae): quick's rates over "
+                   "20 epochs.")
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs to train (with --resume: the new total).")
 @click.option("--batch-size", type=click.IntRange(min=2),
               help="Images per SVI step, per process under torchrun [preset: 64].")

@@ -106,3 +106,9 @@ def test_config_presets():
     with pytest.raises(ValueError, match="unknown dataset"):
         RNPConfig.preset("cifar")
     assert RNPConfig.from_dict(paper.to_dict()) == paper
+    long = RNPConfig.preset("fashion", "long")   # quick's rates and schedule, ten times the epochs
+    assert long.epochs == 10 * RNPConfig.preset("fashion", "quick").epochs
+    assert dataclasses.replace(long, epochs=2, schedule="quick", figure_every=1) == RNPConfig.preset("fashion", "quick")
+    assert RNPConfig.preset("multi-mnist", "long").lr == 3e-4 and RNPConfig.preset("mnist", "long", model="vae").epochs == 20
+    with pytest.raises(ValueError, match="the long preset is the RNP's and the VAE's"):
+        RNPConfig.preset("mnist", "long", model="air")
