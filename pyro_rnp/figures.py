@@ -80,12 +80,14 @@ def main(run_dir, which, n_images, device, amp, data_dir, no_download, limit, cl
         if "basis" in names or "primitives" in names:  # the same images, so the generator infers them once
             drawn = held_out(config, data_dir, not no_download, DRAWN_FROM)[0].to(torch_device)
         if "basis" in names:
+            torch.manual_seed(seed)  # each figure from the seed, whichever others are drawn with it
             path, summaries["basis"] = plot_basis(rnp, drawn, folder / "basis.png")
             written.append(path)
         if "primitives" in names:
             from . import data as datasets
             train = datasets.load_images(config.dataset, "train", data_dir, not no_download, TEMPLATE_IMAGES,
                                          config.exclude_classes).tensors[0]
+            torch.manual_seed(seed)
             path, scores = plot_primitives(rnp, drawn, train, folder / "primitives.png")
             summaries["interpretability"] = {"method": "mean best normalised cross-correlation (skimage "
                                              "match_template) of each primitive's ink crop in each of the first "

@@ -18,6 +18,8 @@ near 0 for noise.
 """
 from __future__ import annotations
 
+import textwrap
+
 import numpy as np
 import torch
 from skimage.feature import match_template
@@ -112,7 +114,8 @@ def plot_primitives(model, x: torch.Tensor, images: torch.Tensor, path, columns:
     from .plots import image_grid
     drawings = model_primitives(model, x)
     scores = score_primitives(drawings, images, x.shape[0])
-    rows = [(f"{kind}\nscore {scores[kind]['score']:.2f}", _normalised(d[:columns])) for kind, d in drawings.items()]
+    rows = [("\n".join(textwrap.wrap(kind, 14)) + "\n" + (f"score {scores[kind]['score']:.2f}"
+             if scores[kind]["primitives"] else "none scored"), _normalised(d[:columns])) for kind, d in drawings.items()]
     path = image_grid(rows, path, f"primitives ({model.config.model}): template-matching score against "
                                   f"{images.shape[0]} training images")
     return path, scores
