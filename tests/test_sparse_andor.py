@@ -197,6 +197,20 @@ def test_a_layer_3_unit_in_context_draws_only_within_its_receptive_field(mnist_i
     assert alone.shape == (3, 1, 28, 28) and torch.isfinite(alone).all()
 
 
+def test_on_scenes_a_linear_probe_counts_from_the_latent_held_out_inference_finds(multi_mnist_scenes):
+    from pyro_rnp.analysis.scenes import count_accuracy
+    images, counts, _ = multi_mnist_scenes
+    torch.manual_seed(0)
+    model = SparseAndOr(tiny_config(dataset="multi-mnist", infer_steps=5, proposal_samples=2)).eval()
+    torch.manual_seed(1)
+    z = model.encode(images[:4])
+    torch.manual_seed(1)
+    assert z.shape == (4, 8) and torch.equal(z, model.infer(images[:4])[0])
+    result = count_accuracy(model, images[32:], counts[32:], train=(images[:32], counts[:32]))
+    assert result["method"] == "linear probe on z" and result["n_images"] == 32 and 0 <= result["accuracy"] <= 1
+    assert sum(map(sum, result["confusion"])) == 32
+
+
 def test_fit_trains_the_quick_preset_and_the_ablation_from_the_command_line(tmp_path):
     from pyro_rnp import load_run
     run_dir = tmp_path / "andor"

@@ -21,7 +21,8 @@ A model is a ``torch.nn.Module`` built from a run's config by ``build_model(conf
 and, where it has them (its entry's ``capabilities`` say which):
 
     "guide"     guide(x): the Pyro guide (amortized q(latents | x)); evaluate, ppc and
-                transfer need it
+                transfer need it; a model with one latent vector per image also gives
+                encode(x) -> (B, z_dim), its point estimate (the linear probes read it)
     "parts"     parts(x) -> Parts: the pieces it placed on the canvas and what each is
                 (coloured figures)
     "programs"  parse(x) -> ProgramNode, sample_programs(n): program trees (parse,

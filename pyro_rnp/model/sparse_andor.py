@@ -300,6 +300,10 @@ class SparseAndOr(nn.Module):
             self.train_latents = torch.empty_like(saved, device=self.train_latents.device)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """The guide's single latent per image (B, z_dim): the mode held-out inference finds (``infer``)."""
+        return self.infer(x)[0]
+
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """The likelihood's mean image at the inferred latent (the proposal's mean)."""
