@@ -144,7 +144,7 @@ def held_out(config, data_dir, download: bool, limit: int | None = None):
     if config.guide == "autonormal":
         limit, exclude = min(limit or config.limit, config.limit), ()
     images, labels = load_images(config.dataset, "test", data_dir, download, limit, exclude).tensors
-    if getattr(config, "binarize", "none") == "dynamic":
+    if config.binarize == "dynamic":
         images = binarize(images, config.seed)
     return images, labels
 

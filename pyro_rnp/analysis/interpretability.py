@@ -7,8 +7,8 @@ A model's primitives, drawn as images (``model_primitives``):
   vae           "decoder units": decode(2 e_j) - decode(0) for every latent unit j;
   sparse-andor  "layer 3 basis functions" (the paper's Table 4 layer): what one active unit of
                 the layer draws alone, minus what the generator draws from nothing (its biases), and
-                "layer 3 basis functions in context": what the unit adds to the training image where
-                it is most active (SparseAndOr.basis_functions).
+                "layer 3 basis functions in context": what the unit adds to the image, of those it
+                is drawn from, where it is most active (SparseAndOr.basis_functions).
 Each drawing is cropped to its ink (the box of pixels whose magnitude passes INK of its largest;
 drawings that draw nothing visible, crops narrower than MIN_SIDE pixels and crops without spread
 are dropped), and the score is the mean, over the first MAX_PRIMITIVES primitives and the
@@ -114,8 +114,10 @@ def plot_primitives(model, x: torch.Tensor, images: torch.Tensor, path, columns:
     from .plots import image_grid
     drawings = model_primitives(model, x)
     scores = score_primitives(drawings, images, x.shape[0])
-    rows = [("\n".join(textwrap.wrap(kind, 14)) + "\n" + (f"score {scores[kind]['score']:.2f}"
-             if scores[kind]["primitives"] else "none scored"), _normalised(d[:columns])) for kind, d in drawings.items()]
+    rows = []
+    for kind, d in drawings.items():
+        score = f"score {scores[kind]['score']:.2f}" if scores[kind]["primitives"] else "none scored"
+        rows.append(("\n".join(textwrap.wrap(kind, 14)) + "\n" + score, _normalised(d[:columns])))
     path = image_grid(rows, path, f"primitives ({model.config.model}): template-matching score against "
                                   f"{images.shape[0]} training images")
     return path, scores
@@ -131,7 +133,8 @@ def plot_basis(model, x: torch.Tensor, path, units: int = 12) -> tuple:
     for layer in model.generator.LAYERS:
         alone = model.basis_functions(layer, x, units)[:, 0]
         in_context = model.basis_functions(layer, x, units, in_context=True)[:, 0]
-        rows += [(f"layer {layer}\nalone", _normalised(alone)), (f"layer {layer}\nin an image", _normalised(in_context))]
+        rows += [(f"layer {layer}\nalone", _normalised(alone)),
+                 (f"layer {layer}\nin an image", _normalised(in_context))]
         summary[f"layer {layer}"] = {"units_drawn": int(alone.shape[0])}
     title = (f"basis functions ({'top-k sparse' if model.generator.sparse else 'dense'} generator): "
              "what one active unit draws alone, and adds to the image where it is most active")

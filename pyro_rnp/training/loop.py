@@ -77,9 +77,10 @@ class TrainingLoop:
     """Epochs of ``step`` over ``images`` (N, 1, H, W), ``batch_size`` per process and step.
 
     ``images_for_epoch(epoch)``, when given, returns the images (N, 1, H, W) that epoch trains on in
-    place of ``images`` (a fresh binarisation each epoch). ``shuffle=False`` keeps the images' order (with one batch per epoch, every step sees them
-    all in the same rows). ``on_rate(images_per_s, images_per_epoch)`` is called once, after the
-    first few timed steps, so the caller can say how long training will take.
+    place of ``images`` (a fresh binarisation each epoch). ``shuffle=False`` keeps the images' order
+    (with one batch per epoch, every step sees them all in the same rows).
+    ``on_rate(images_per_s, images_per_epoch)`` is called once, after the first few timed steps, so
+    the caller can say how long training will take.
     """
 
     def __init__(self, step: TrainStep | AlternatingBackpropStep, images: torch.Tensor, batch_size: int,
