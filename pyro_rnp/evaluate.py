@@ -51,7 +51,8 @@ def main(run_dir, iw_samples, limit, device, amp, data_dir, no_download, seed, a
     with mixed_precision(amp, torch_device):
         result = evaluate(rnp, images, labels, iw_samples, device=torch_device, progress=not as_json)
         if config.dataset == "multi-mnist":  # the label of a scene is its number of digits
-            probe_scenes = PROBE_SCENES if getattr(rnp, "evaluation_batch", None) is None else PROBE_SCENES_ITERATIVE_GUIDE
+            iterative_guide = getattr(rnp, "evaluation_batch", None) is not None
+            probe_scenes = PROBE_SCENES_ITERATIVE_GUIDE if iterative_guide else PROBE_SCENES
             train = None if has(rnp, "count") else datasets.load_images(
                 "multi-mnist", "train", data_dir, not no_download, probe_scenes).tensors
             result["count"] = count_accuracy(rnp, images, labels, train=train, seed=seed)

@@ -130,11 +130,10 @@ def save_weights(run_dir: pathlib.Path, rnp, dtype: torch.dtype = torch.float16,
     """Atomically write ``WEIGHTS``: the model's state with every floating tensor in ``dtype`` (half the
     bytes of float32, for sharing a trained run), its config, no optimizer or RNG state. Refuses a
     state that ``dtype`` cannot hold (a finite value that overflows it)."""
-    state = {name: t.detach().to("cpu", dtype) if t.is_floating_point() else t.detach().cpu()
-             for name, t in rnp.state_dict().items()}
-    full = rnp.state_dict()
+    full = {name: t.detach().cpu() for name, t in rnp.state_dict().items()}
+    state = {name: t.to(dtype) if t.is_floating_point() else t for name, t in full.items()}
     bad = [name for name, t in state.items()
-           if t.is_floating_point() and not torch.equal(torch.isfinite(t), torch.isfinite(full[name].cpu()))]
+           if t.is_floating_point() and not torch.equal(torch.isfinite(t), torch.isfinite(full[name]))]
     if bad:
         raise RunError(f"not writing {WEIGHTS}: {', '.join(bad[:3])} overflow {dtype} (keep {CHECKPOINT} instead)")
     payload = {"format": FORMAT, "config": rnp.config.to_dict(), "model": state, "optimizer": None,
