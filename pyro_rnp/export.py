@@ -25,7 +25,7 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 def neg_elbo(model, images: torch.Tensor, seed: int, device) -> float:
     from .analysis.evaluate import evaluate
     pyro.set_rng_seed(seed)
-    return evaluate(model, images, device=device)["neg_elbo"]
+    return evaluate(model, images, device=device, progress=True)["neg_elbo"]
 
 
 @click.command(name="pyro_rnp.export", context_settings={"help_option_names": ["-h", "--help"]})

@@ -44,7 +44,7 @@ CONFIG_FLAGS = {"dataset": "dataset", "preset": "schedule", "batch_size": "batch
                 "prior": "prior", "prior_components": "prior_components", "flow_layers": "flow_layers",
                 "guide": "guide", "guide_rank": "guide_rank", "decoder": "decoder", "plugins": "plugins",
                 "sparsity": "sparsity", "critic": "andor_critic", "andor_output": "andor_output",
-                "binarize": "binarize"}
+                "binarize": "binarize", "curriculum": "curriculum_epochs"}
 
 
 def train(config: RNPConfig, run_dir: pathlib.Path, device: torch.device, data_dir=None, download: bool = True,
@@ -106,6 +106,9 @@ def write_figures(model, run_dir: pathlib.Path, x: torch.Tensor) -> None:
 @click.option("--z-dim", type=click.IntRange(min=1), help="Program vector size |z| [32; 96 for Omniglot].")
 @click.option("--depth", type=click.IntRange(min=1), help="Levels K of the program tree [2].")
 @click.option("--steps", type=click.IntRange(min=1), help="Children per program, tau [4].")
+@click.option("--curriculum", type=click.IntRange(min=0), help="Train one depth at a time: depth 1 for the "
+              "first N epochs, then depth 2 from those weights, ..., the full --depth for the rest (rnp only; see "
+              "guides/training.md) [0: off].")
 @click.option("--hidden", type=click.IntRange(min=1), help="Width of the hypernetwork and generated layers [64].")
 @click.option("--likelihood", type=click.Choice(LIKELIHOODS),
               help="normal: Gaussian with a fixed sigma (0.5: the paper's loss); normal-learned, normal-pixel: "
@@ -160,7 +163,8 @@ def write_figures(model, run_dir: pathlib.Path, x: torch.Tensor) -> None:
               "Recorded in config.json; see the README's performance section for what it gains.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
-def main(ctx, dataset, preset, epochs, batch_size, lr, head_lr_scale, z_dim, depth, steps, hidden, likelihood,
+def main(ctx, dataset, preset, epochs, batch_size, lr, head_lr_scale, z_dim, depth, steps, curriculum, hidden,
+         likelihood,
          likelihood_scale, binarize, prior, prior_components, flow_layers, guide, guide_rank, model_name, decoder, sparsity,
          critic, andor_output, plugins, source_dir, device, seed, limit, exclude_classes, data_dir, no_download, run_dir,
          resume_dir, eval_limit, amp, compile_, quiet):
@@ -219,6 +223,9 @@ def main(ctx, dataset, preset, epochs, batch_size, lr, head_lr_scale, z_dim, dep
     if config.binarize != "none":
         likelihood += f" on {config.binarize}ally binarised images"
     depth = f"depth {config.depth}, " if config.model == "rnp" else ""
+    if config.curriculum_epochs:
+        n = config.curriculum_epochs
+        depth = f"depth 1 to {config.depth}, {n} epoch{'s' if n != 1 else ''} per depth below {config.depth}, "
     epoch_count = f"{config.epochs} epoch{'s' if config.epochs != 1 else ''}"
     echo(f"Run folder: {run_dir}  ({config.model} on {config.dataset}, preset {config.schedule}, {epoch_count}, "
          f"{batch}, lr {config.lr:g}, {depth}likelihood {likelihood}, device {torch_device})")

@@ -101,6 +101,7 @@ def test_foreign_folder_is_refused(tmp_path):
     (["--lr", "0"], "Invalid value for '--lr'"),
     (["--likelihood", "poisson"], "Invalid value for '--likelihood'"),
     (["--device", "tpu"], "Invalid value for '--device'"),
+    (["--preset", "quick", "--curriculum", "2"], "leaves no epoch at the full depth"),
 ])
 def test_bad_flags_are_refused_in_one_line(args, message):
     out = fit(*args)

@@ -133,3 +133,44 @@ def test_only_the_entry_point_changes_the_process_and_only_once():
     assert before == built == 0
     assert frozen > 10_000 and after <= frozen  # objects freed since only leave it
     assert "leak" not in out.stderr.lower(), out.stderr[-2000:]
+
+
+def test_a_curriculum_trains_depth_1_then_depth_2_from_its_weights(tmp_path):
+    """Stage 1 of a curriculum is a depth-1 run (same seed: the same weights after it); stage 2 trains
+    those weights at depth 2, and the run ends as a depth-2 model."""
+    from pyro_rnp.analysis.evaluate import evaluate
+    from pyro_rnp.training.run import train_run
+    from pyro_rnp.training.runs import read_metrics
+    cpu = torch.device("cpu")
+    seen = []  # (depth trained, weights) at each epoch's end
+
+    def scores(model, images):
+        return evaluate(model, images, device=cpu, progress=False)
+
+    def record(model, run_dir, x):
+        seen.append((model.executor.depth, {k: v.clone() for k, v in model.state_dict().items()}))
+
+    common = dict(dataset="fashion", limit=64, eval_limit=16, figure_every=1)
+    shallow = train_run(tiny_config(depth=1, epochs=1, **common), tmp_path / "depth1", cpu, scores,
+                        data_dir=SHARED_DATA, download=False, progress=False)
+    staged = train_run(tiny_config(depth=2, epochs=2, curriculum_epochs=1, **common), tmp_path / "curriculum",
+                       cpu, scores, record, data_dir=SHARED_DATA, download=False, progress=False)
+    assert [depth for depth, _ in seen] == [1, 2]
+    assert [m["depth"] for m in read_metrics(tmp_path / "curriculum")] == [1, 2]
+    stage1, stage2 = seen[0][1], seen[1][1]
+    for name, value in shallow.model.state_dict().items():
+        assert torch.allclose(value, stage1[name], atol=1e-5), name
+    assert not torch.equal(stage1["executor.hypernet.head"], stage2["executor.hypernet.head"])
+    assert staged.model.executor.depth == 2
+
+
+def test_a_curriculum_schedule_and_its_refusals():
+    config = tiny_config(depth=3, epochs=5, curriculum_epochs=2)
+    assert [config.depth_in_epoch(e) for e in range(5)] == [1, 1, 2, 2, 3]
+    assert [tiny_config(epochs=3).depth_in_epoch(e) for e in range(3)] == [2, 2, 2]
+    with pytest.raises(ValueError, match="leaves no epoch at the full depth"):
+        tiny_config(depth=2, epochs=2, curriculum_epochs=2)
+    with pytest.raises(ValueError, match="needs the rnp model at depth 2"):
+        tiny_config(depth=1, epochs=3, curriculum_epochs=1)
+    with pytest.raises(ValueError, match="needs the rnp model"):
+        tiny_config(model="vae", epochs=3, curriculum_epochs=1)

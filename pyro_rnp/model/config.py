@@ -108,6 +108,10 @@ class RNPConfig:
     seed: int = 0
     eval_limit: int | None = None     # held-out images evaluated after each epoch (None: all)
     figure_every: int = 5             # refresh figures every N epochs (and at the end)
+    curriculum_epochs: int = 0        # train one depth at a time: depth 1 for this many epochs, then depth 2 for as
+                                      #   many, ..., the full depth after; one hypernetwork, so every stage starts
+                                      #   from the last one's weights, optimizer and lr schedule (our choice of
+                                      #   schedule: the paper only remarks that it can be done); 0: off
     # speed options that change numerics (recorded; may change on --resume)
     amp: str | None = None            # "bf16": forward pass under autocast in bfloat16 (CUDA, or a bf16 CPU)
     compile: bool = False             # torch.compile the encoder (and an mlp decoder)
@@ -154,6 +158,12 @@ class RNPConfig:
             (self.critic_weight >= 0 and self.critic_regulariser >= 0,
              "critic_weight and critic_regulariser must be >= 0"),
             (self.epochs >= 0, "epochs must be >= 0"),
+            (self.curriculum_epochs >= 0, "curriculum_epochs must be >= 0"),
+            (self.curriculum_epochs == 0 or (self.model == "rnp" and self.decoder == "rnp" and self.depth >= 2),
+             "a curriculum trains the program tree one depth at a time: it needs the rnp model at depth 2 or more"),
+            (self.curriculum_epochs == 0 or (self.depth - 1) * self.curriculum_epochs < self.epochs,
+             f"a curriculum of {self.curriculum_epochs} epochs per depth below {self.depth} leaves no epoch at the "
+             f"full depth in {self.epochs}: train more epochs or a shorter curriculum"),
             (self.batch_size >= 2, "batch_size must be at least 2 (the encoder uses batch norm)"),
             (self.lr > 0, "lr must be positive"),
             (self.head_lr_scale > 0, "head_lr_scale must be positive"),
@@ -177,6 +187,13 @@ class RNPConfig:
             object.__setattr__(self, "air_scale_mean", 3.0 if self.image_size >= 50 else 1.4)
         object.__setattr__(self, "exclude_classes", tuple(int(c) for c in self.exclude_classes))
         object.__setattr__(self, "plugins", tuple(str(p) for p in self.plugins))
+
+    def depth_in_epoch(self, epoch: int) -> int:
+        """The depth trained in epoch ``epoch`` (counted from 0): the full depth unless a curriculum
+        trains a shallower tree first."""
+        if self.curriculum_epochs == 0:
+            return self.depth
+        return min(self.depth, 1 + epoch // self.curriculum_epochs)
 
     @classmethod
     def preset(cls, dataset: str, schedule: str = "paper", **overrides) -> "RNPConfig":

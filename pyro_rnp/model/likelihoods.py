@@ -31,7 +31,17 @@ def ink_probability(canvas: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return (-torch.expm1(-canvas)).clamp(eps, 1 - eps)
 
 
-class NormalLikelihood:
+class CanvasMean:
+    """A likelihood of the grey levels themselves whose mean is the canvas: the Normal and Laplace ones."""
+
+    def observation(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def mean(self, canvas: torch.Tensor) -> torch.Tensor:
+        return canvas
+
+
+class NormalLikelihood(CanvasMean):
     """x ~ Normal(canvas, sigma) per pixel. sigma = 0.5 is what the authors' loss amounts to."""
 
     def __init__(self, scale: float = 0.5):
@@ -42,18 +52,12 @@ class NormalLikelihood:
         # the scale as a tensor filled on the device: a Python float would be copied from the host
         return dist.Normal(canvas, canvas.new_full((), self.scale)).to_event(3)
 
-    def observation(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def mean(self, canvas: torch.Tensor) -> torch.Tensor:
-        return canvas
-
     def part_error(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Per-image penalty for a part guess: the same squared-error scale as the likelihood."""
         return (prediction - target).pow(2).flatten(1).sum(1) / (2 * self.scale ** 2)
 
 
-class LearnedNormalLikelihood(nn.Module):
+class LearnedNormalLikelihood(CanvasMean, nn.Module):
     """x ~ Normal(canvas, sigma) per pixel with sigma learned: one scalar, or one per pixel
     (``per_pixel``, shape (1, S, S)), stored as its log and starting at ``scale``."""
 
@@ -69,19 +73,13 @@ class LearnedNormalLikelihood(nn.Module):
     def distribution(self, canvas: torch.Tensor) -> dist.Distribution:
         return dist.Normal(canvas, self.sigma().to(canvas.dtype).expand(canvas.shape)).to_event(3)
 
-    def observation(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def mean(self, canvas: torch.Tensor) -> torch.Tensor:
-        return canvas
-
     def part_error(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Squared error at the current sigma, held constant: the part term is a penalty without the
         density's normaliser, and a sigma it could move would grow to silence it."""
         return ((prediction - target).pow(2) / (2 * self.sigma().detach() ** 2)).flatten(1).sum(1)
 
 
-class LaplaceLikelihood(nn.Module):
+class LaplaceLikelihood(CanvasMean, nn.Module):
     """x ~ Laplace(canvas, b) per pixel with b one learned scalar (its log, starting at ``scale``)."""
 
     def __init__(self, scale: float = 0.5):
@@ -91,12 +89,6 @@ class LaplaceLikelihood(nn.Module):
 
     def distribution(self, canvas: torch.Tensor) -> dist.Distribution:
         return dist.Laplace(canvas, self.log_scale.exp().to(canvas.dtype).expand(canvas.shape)).to_event(3)
-
-    def observation(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def mean(self, canvas: torch.Tensor) -> torch.Tensor:
-        return canvas
 
     def part_error(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Absolute error at the current b, held constant (as LearnedNormalLikelihood's)."""

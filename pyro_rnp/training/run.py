@@ -120,6 +120,7 @@ def train_run(config: RNPConfig, run_dir: pathlib.Path, device: torch.device, sc
         # but each process draws its own noise: its own stream, also after a resume (which restored rank
         # 0's states on every process)
         torch.manual_seed(rank_seed(config.seed, context.rank, start.step))
+    train_at_depth(model, config.depth_in_epoch(start.epoch))
     if before_training is not None:
         before_training()
     started = time.perf_counter()
@@ -150,6 +151,8 @@ def train_run(config: RNPConfig, run_dir: pathlib.Path, device: torch.device, sc
                   "n_test": held_out["n_images"], "likelihood": held_out["likelihood"],
                   "images_per_s": summary.images_per_s, "skipped_steps": summary.skipped_steps,
                   "lr": optimizer.param_groups[0]["lr"], "wall_time_s": wall()}
+        if config.curriculum_epochs:
+            record["depth"] = config.depth_in_epoch(summary.epoch - 1)
         if main:
             append_metrics(run_dir, record)
         path = checkpoint(Position(summary.epoch, 0, summary.step))
@@ -159,6 +162,10 @@ def train_run(config: RNPConfig, run_dir: pathlib.Path, device: torch.device, sc
         if main and figures is not None and (summary.epoch % config.figure_every == 0
                                              or summary.epoch == config.epochs):
             figures(model, run_dir, fixed_test)
+        if config.depth_in_epoch(summary.epoch) != config.depth_in_epoch(summary.epoch - 1):
+            say(f"epoch {summary.epoch + 1} on: depth {config.depth_in_epoch(summary.epoch)}, from the weights "
+                f"trained at depth {config.depth_in_epoch(summary.epoch - 1)}")
+        train_at_depth(model, config.depth_in_epoch(summary.epoch))
 
     if start.epoch >= config.epochs:
         say(f"{run_dir} already has {start.epoch} of {config.epochs} epochs; pass --epochs N to train further.")
@@ -172,7 +179,17 @@ def train_run(config: RNPConfig, run_dir: pathlib.Path, device: torch.device, sc
     end, stopped = loop.run(config.epochs, start, stop, end_of_epoch)
     # stopped at an epoch's end, the checkpoint of that epoch is already the one to resume from
     path = checkpoint(end) if stopped else run_dir / CHECKPOINT
+    train_at_depth(model, config.depth)  # the model as load_run builds it
     return TrainedRun(model.eval(), end, stopped, path)
+
+
+def train_at_depth(model: torch.nn.Module, depth: int) -> None:
+    """Run the model's program tree to ``depth`` levels from now on (a curriculum's stages; see
+    RNPConfig.curriculum_epochs). The parameters do not depend on the depth: one hypernetwork
+    generates every level's programs, so a stage continues from the weights of the one before."""
+    executor = getattr(model, "executor", None)
+    if executor is not None and hasattr(executor, "depth"):
+        executor.depth = depth
 
 
 def rank_seed(seed: int, rank: int, step: int) -> int:
