@@ -164,8 +164,7 @@ def write_figures(model, run_dir: pathlib.Path, x: torch.Tensor) -> None:
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.pass_context
 def main(ctx, dataset, preset, epochs, batch_size, lr, head_lr_scale, z_dim, depth, steps, curriculum, hidden,
-         likelihood,
-         likelihood_scale, binarize, prior, prior_components, flow_layers, guide, guide_rank, model_name, decoder, sparsity,
+         likelihood, likelihood_scale, binarize, prior, prior_components, flow_layers, guide, guide_rank, model_name, decoder, sparsity,
          critic, andor_output, plugins, source_dir, device, seed, limit, exclude_classes, data_dir, no_download, run_dir,
          resume_dir, eval_limit, amp, compile_, quiet):
     """Train a model (a Recursive Neural Program by default) with SVI and write a run folder.

@@ -151,8 +151,9 @@ def train_run(config: RNPConfig, run_dir: pathlib.Path, device: torch.device, sc
                   "n_test": held_out["n_images"], "likelihood": held_out["likelihood"],
                   "images_per_s": summary.images_per_s, "skipped_steps": summary.skipped_steps,
                   "lr": optimizer.param_groups[0]["lr"], "wall_time_s": wall()}
+        trained_depth, next_depth = config.depth_in_epoch(summary.epoch - 1), config.depth_in_epoch(summary.epoch)
         if config.curriculum_epochs:
-            record["depth"] = config.depth_in_epoch(summary.epoch - 1)
+            record["depth"] = trained_depth
         if main:
             append_metrics(run_dir, record)
         path = checkpoint(Position(summary.epoch, 0, summary.step))
@@ -162,10 +163,9 @@ def train_run(config: RNPConfig, run_dir: pathlib.Path, device: torch.device, sc
         if main and figures is not None and (summary.epoch % config.figure_every == 0
                                              or summary.epoch == config.epochs):
             figures(model, run_dir, fixed_test)
-        if config.depth_in_epoch(summary.epoch) != config.depth_in_epoch(summary.epoch - 1):
-            say(f"epoch {summary.epoch + 1} on: depth {config.depth_in_epoch(summary.epoch)}, from the weights "
-                f"trained at depth {config.depth_in_epoch(summary.epoch - 1)}")
-        train_at_depth(model, config.depth_in_epoch(summary.epoch))
+        if next_depth != trained_depth:
+            say(f"epoch {summary.epoch + 1} on: depth {next_depth}, from the weights trained at depth {trained_depth}")
+        train_at_depth(model, next_depth)
 
     if start.epoch >= config.epochs:
         say(f"{run_dir} already has {start.epoch} of {config.epochs} epochs; pass --epochs N to train further.")
