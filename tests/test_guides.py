@@ -34,3 +34,16 @@ def test_guide_runs_as_written(guide, tmp_path):
         out = subprocess.run([sys.executable, "-c", code], cwd=checkout, env=dict(env, PYRO_RNP_DATA=str(SHARED_DATA)),
                              capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_readme_python_runs_as_written():
+    """The README's Python (a shipped run used without training) runs from the checkout as written."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} not found")
+    code = "\n".join(blocks((REPO / "README.md").read_text(), "python"))
+    assert "load_run" in code
+    check = "\nassert tree.placed.shape == (8, 4, 1, 28, 28) and len(tree.children) == 4, tree.placed.shape\n"
+    out = subprocess.run([sys.executable, "-c", code + check], cwd=REPO,
+                         env=dict(os.environ, PYRO_RNP_DATA=str(SHARED_DATA)), capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
