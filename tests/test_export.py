@@ -65,7 +65,8 @@ def test_the_export_command_reports_size_and_the_difference(trained_run):
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["megabytes"] < result["checkpoint_megabytes"] / 3 and abs(result["difference_nats"]) < 0.1
-    assert json.loads((trained_run / "export.json").read_text())["dtype"] == "float16"
+    written = json.loads((trained_run / "export.json").read_text())
+    assert written["dtype"] == "float16" and written["weights"] == "weights.pt"  # movable with its folder
 
 
 def test_weights_that_overflow_half_precision_are_refused(trained_run, tmp_path):
