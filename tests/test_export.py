@@ -76,3 +76,24 @@ def test_weights_that_overflow_half_precision_are_refused(trained_run, tmp_path)
     with pytest.raises(RunError, match="overflow"):
         save_weights(tmp_path, model)
     assert not (tmp_path / WEIGHTS).exists()
+
+
+SHIPPED = sorted(p.parent for p in (REPO / "runs").glob("*/weights.pt"))
+
+
+@pytest.mark.parametrize("run_dir", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_weights_score_what_their_export_measured(run_dir):
+    """A committed run that ships weights.pt loads from the checkout without its checkpoint and scores
+    the held-out images of its export check as export.json says: the weights in the repository are
+    the ones that were measured."""
+    from pyro_rnp.data import load_images
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} not found")
+    assert not (run_dir / CHECKPOINT).exists()
+    recorded = json.loads((run_dir / "export.json").read_text())
+    model = load_run(run_dir)
+    images = load_images(model.config.dataset, "test", SHARED_DATA, False, recorded["check_images"],
+                         model.config.exclude_classes).tensors[0]
+    pyro.set_rng_seed(0)  # export's seed
+    score = evaluate(model, images)["neg_elbo"]
+    assert abs(score - recorded["neg_elbo_weights"]) < 0.05, (score, recorded["neg_elbo_weights"])
