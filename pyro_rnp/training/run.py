@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from ..data import binarize, load_images
 from ..model.config import RNPConfig
+from ..model.program import ProgramExecutor
 from ..model.registry import build_model
 from .distributed import Context, sync_batch_norms
 from .loop import EpochSummary, Position, TrainingLoop, batching, diverged
@@ -187,8 +188,8 @@ def train_at_depth(model: torch.nn.Module, depth: int) -> None:
     """Run the model's program tree to ``depth`` levels from now on (a curriculum's stages; see
     RNPConfig.curriculum_epochs). The parameters do not depend on the depth: one hypernetwork
     generates every level's programs, so a stage continues from the weights of the one before."""
-    executor = getattr(model, "executor", None)
-    if executor is not None and hasattr(executor, "depth"):
+    executor = getattr(model, "executor", None)  # a model's decoder; only a program tree has a depth
+    if isinstance(executor, ProgramExecutor):
         executor.depth = depth
 
 
