@@ -47,3 +47,14 @@ def test_readme_python_runs_as_written():
                          env=dict(os.environ, PYRO_RNP_DATA=str(SHARED_DATA)), capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+DOCS = [REPO / "README.md", REPO / "runs" / "README.md", *GUIDES]
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[str(d.relative_to(REPO)) for d in DOCS])
+def test_every_relative_link_names_a_file_in_the_checkout(doc):
+    """A link to a run folder, figure or guide that was renamed or never committed is caught here."""
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text())
+    missing = [t for t in targets if "://" not in t and not (doc.parent / t).exists()]
+    assert not missing, missing
