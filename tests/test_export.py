@@ -86,14 +86,13 @@ def test_shipped_weights_score_what_their_export_measured(run_dir):
     """A committed run that ships weights.pt loads from the checkout without its checkpoint and scores
     the held-out images of its export check as export.json says: the weights in the repository are
     the ones that were measured."""
-    from pyro_rnp.data import load_images
+    from pyro_rnp.cli import held_out
+    from pyro_rnp.export import neg_elbo
     if not SHARED_DATA.is_dir():
         pytest.skip(f"{SHARED_DATA} not found")
     assert not (run_dir / CHECKPOINT).exists()
     recorded = json.loads((run_dir / "export.json").read_text())
     model = load_run(run_dir)
-    images = load_images(model.config.dataset, "test", SHARED_DATA, False, recorded["check_images"],
-                         model.config.exclude_classes).tensors[0]
-    pyro.set_rng_seed(0)  # export's seed
-    score = evaluate(model, images)["neg_elbo"]
+    images = held_out(model.config, SHARED_DATA, False, recorded["check_images"])[0]  # the images export scored
+    score = neg_elbo(model, images, seed=0, device=torch.device("cpu"))  # export's default seed
     assert abs(score - recorded["neg_elbo_weights"]) < 0.05, (score, recorded["neg_elbo_weights"])
