@@ -13,7 +13,7 @@ import torch
 from conftest import REPO, SHARED_DATA, tiny_config
 from pyro_rnp import load_run
 from pyro_rnp.analysis.evaluate import evaluate
-from pyro_rnp.training.runs import CHECKPOINT, WEIGHTS, RunError, save_weights
+from pyro_rnp.training.runs import CHECKPOINT, WEIGHTS, RunError, check_resumable, save_weights
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +67,22 @@ def test_the_export_command_reports_size_and_the_difference(trained_run):
     assert result["megabytes"] < result["checkpoint_megabytes"] / 3 and abs(result["difference_nats"]) < 0.1
     written = json.loads((trained_run / "export.json").read_text())
     assert written["dtype"] == "float16" and written["weights"] == "weights.pt"  # movable with its folder
+
+
+def test_compressed_weights_are_smaller_and_load_the_same_numbers(trained_run, tmp_path):
+    model = load_run(trained_run)
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    for folder, compress in ((plain, False), (packed, True)):
+        shutil.copytree(trained_run, folder, ignore=shutil.ignore_patterns(CHECKPOINT))
+        save_weights(folder, model, compress=compress)
+    assert (packed / WEIGHTS).read_bytes()[:2] == b"\x1f\x8b"                   # gzip, not torch's zip
+    assert (packed / WEIGHTS).stat().st_size < 0.97 * (plain / WEIGHTS).stat().st_size
+    first, second = load_run(plain), load_run(packed)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+    save_weights(tmp_path / "again", model, compress=True)                     # the same weights, the same bytes
+    assert (tmp_path / "again" / WEIGHTS).read_bytes() == (packed / WEIGHTS).read_bytes()
+    with pytest.raises(RunError, match="not resumed"):
+        check_resumable(packed)
 
 
 def test_weights_that_overflow_half_precision_are_refused(trained_run, tmp_path):
