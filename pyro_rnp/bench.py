@@ -35,6 +35,17 @@ What was measured on this project's 2-core AMD EPYC (avx512_bf16), torch 2.14.1,
   (5 batches of 64 programs: 1.65 against 1.90 ms for 64->784 layers, 3.0 against
   1.55 ms for 784->64, 7.5 against 1.8 ms for their input gradients), which is why
   those layers stay in float32.
+- Generated layers in bfloat16 as well (tried 2026-12-03, not kept): each layer's weights
+  generated contiguous over the programs, forward by torch.bmm, input gradients by one
+  grouped 1x1 convolution over the weights as they lie (no transposed copy; torch.bmm in
+  bfloat16 copies a transposed operand first, 5.7 ms a call for 784-wide layers). In-process
+  A/B against the bf16 step, 8 rounds of 3 steps, 2 threads, nothing else running: 0.90x
+  (268 against 296 images/s). oneDNN's grouped convolution took 1.2-1.3 ms a call on those
+  weights. Per call on 8 cycling weight sets (beyond the 32 MB L3), 2 threads, float32 then
+  bfloat16 at their best: 784->64 forward 0.66 / 0.44 ms, its input gradient 0.60 / 0.29-0.51
+  (W @ g, by torch.bmm and torch.matmul, the same product); 64->784 forward 0.36 / 0.39,
+  input gradient 0.50 / 0.33: at most about 14 ms of a 216 ms step, where the 3x target
+  needs about 58 ms.
 - torch's CPU ELU (F.elu) measured about 20x the time of torch.exp on (64, 64)
   tensors (84 against 3.7 us, one thread); an exp-based ELU in the generated
   layers did not change the step's time measurably, so F.elu stays.
