@@ -2,11 +2,12 @@
 
 Writes RUN_DIR/weights.pt (``save_weights``: every floating tensor in float16, the config, no
 optimizer or RNG state), about a quarter of checkpoint.pt's size (which also holds Adam's two
-moments); ``--compress`` gzips it, about 8% smaller again. ``load_run`` and every command on a run read a folder that holds only weights.pt;
-``fit --resume`` refuses it in one line. Unless ``--no-check``, it scores the first ``--limit``
-(200) held-out images with both weights, the same seed for both, and reports the difference in
-held-out -ELBO, so a user sees what the halving cost before deleting anything. export.json names
-the weights by their file name in the run folder, so the folder can be moved or committed.
+moments); ``--compress`` gzips it, about 8% smaller again. ``load_run`` and every command on a
+run read a folder that holds only weights.pt; ``fit --resume`` refuses it in one line. Unless
+``--no-check``, it scores the first ``--limit`` (200) held-out images with both weights, the same
+seed for both, and reports the difference in held-out -ELBO, so a user sees what the halving cost
+before deleting anything. export.json names the weights by their file name in the run folder, so
+the folder can be moved or committed.
 """
 from __future__ import annotations
 
@@ -48,8 +49,8 @@ def main(run_dir, limit, device, amp, data_dir, no_download, seed, dtype, compre
     metrics = read_metrics(run_dir)
     path = save_weights(run_dir, model, DTYPES[dtype], compress=compress,
                         epoch=metrics[-1]["epoch"] if metrics else 0)
-    result = {"weights": path.name, "dtype": dtype, "compressed": compress,
-              "megabytes": path.stat().st_size / 2 ** 20, "checkpoint_megabytes": (run_dir / CHECKPOINT).stat().st_size / 2 ** 20}
+    result = {"weights": path.name, "dtype": dtype, "compressed": compress, "megabytes": path.stat().st_size / 2 ** 20,
+              "checkpoint_megabytes": (run_dir / CHECKPOINT).stat().st_size / 2 ** 20}
     if not no_check and hasattr(model, "guide"):
         images = held_out(config, data_dir, not no_download, limit)[0]
         full = neg_elbo(model, images, seed, torch_device)
