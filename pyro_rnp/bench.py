@@ -46,9 +46,25 @@ What was measured on this project's 2-core AMD EPYC (avx512_bf16), torch 2.14.1,
   (W @ g, by torch.bmm and torch.matmul, the same product); 64->784 forward 0.36 / 0.39,
   input gradient 0.50 / 0.33: at most about 14 ms of a 216 ms step, where the 3x target
   needs about 58 ms.
+- What bounds the bf16 step (2026-12-03): its cost at batch 2, where the products are tiny, is
+  about 90 ms in both variants (``--variants fp32,bf16 --batch-size 2``: 22.1 images/s each, the
+  port 14.9): Python, the dispatcher and autograd over about 7,000 operations a step, and Adam, the
+  gradient clamp and the head's products over the head's 8.5 million numbers. 3x the port at batch
+  64 is about 173 ms a step, which leaves about 83 ms for the work that grows with the batch. A
+  profile of the bf16 step at both sizes (self time per step, torch.profiler, which adds its own
+  cost per operation; wall 76 and 287 ms, the machine busy): head products 14 -> 57 ms (16.4 GFLOP
+  a step at batch 64, near this CPU's bfloat16 peak), 784-wide generated layers 2 -> 51, the other
+  generated layers 6 -> 37, the encoder's convolutions 2 -> 15, head conversions 5 -> 9, grid
+  sampling 0.5 -> 7, optimizer 5 -> 5.5, everything else 48 -> 121 ms. The first two alone grow by
+  about 90 ms; the best bfloat16 layer kernels measured (below) would take at most 14 ms off. So 3x
+  needs the step's fixed cost cut by more than half as well, that is the program executor run
+  outside Python (a compiled executor), not a faster kernel.
 - torch's CPU ELU (F.elu) measured about 20x the time of torch.exp on (64, 64)
   tensors (84 against 3.7 us, one thread); an exp-based ELU in the generated
-  layers did not change the step's time measurably, so F.elu stays.
+  layers did not change the step's time measurably, so F.elu stays. Again on 2026-12-03 (2
+  threads): F.elu 49 us, torch.exp 5, torch.expm1 27 (which F.elu's time follows); F.elu replaced
+  everywhere (trunk too) by where(x > 0, x, exp(x) - 1), in-process A/B, 8 rounds of 3 bf16
+  steps: 0.99x.
 """
 from __future__ import annotations
 
