@@ -1,5 +1,7 @@
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -75,8 +77,57 @@ def test_uncompressed_files_are_read_in_place(tmp_path, monkeypatch, isolated_ca
     monkeypatch.setenv("PYRO_RNP_CACHE", str(fresh_cache))
     x, y = load_images("mnist", "train", data_dir, limit=3).tensors
     assert x.shape == (3, 1, 28, 28) and y.tolist() == [5, 0, 4]
-    assert not fresh_cache.exists()
+    assert not (fresh_cache / "torchvision").exists(), "uncompressed files were copied into the cache"
     assert snapshot(data_dir) == before
+
+
+def test_our_raw_file_names_are_torchvisions():
+    for cls in (torchvision.datasets.MNIST, torchvision.datasets.FashionMNIST):
+        assert sorted(data.images._TV_RAW_NAMES) == sorted(data.images._raw_names(cls))
+
+
+LOAD_WITHOUT_TORCHVISION = """
+import sys
+from pyro_rnp.data import class_names, load_images
+x, y = load_images("fashion", "test", sys.argv[1]).tensors
+names = class_names("fashion", "test", sys.argv[1])
+assert "torchvision" not in sys.modules, "torchvision was imported"
+print(x.shape[0], float(x.sum()), int(y.sum()), names[9])
+"""
+
+
+@needs_shared
+def test_a_second_load_reads_our_cache_without_importing_torchvision(tmp_path, isolated_cache):
+    """What torchvision read is kept in our cache, keyed on the raw files: the next process reads it
+    without importing torchvision (that import is about 1.5 s of every command's start), gets the same
+    numbers, and a raw file that changes is read again."""
+    x, y = load_images("fashion", "test", SHARED_DATA).tensors
+    cached = list((isolated_cache / "tensors").iterdir())
+    assert len(cached) == 1 and cached[0].name.startswith("FashionMNIST-test-")
+    run = [sys.executable, "-c", LOAD_WITHOUT_TORCHVISION, str(SHARED_DATA)]
+    out = subprocess.run(run, capture_output=True, text=True, env=dict(os.environ), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == [str(x.shape[0]), str(float(x.sum())), str(int(y.sum())), "Ankle", "boot"]
+    assert class_names("fashion", "test", SHARED_DATA) == torchvision.datasets.FashionMNIST.classes
+
+    # links to the same files share the entry; a file written anew (same bytes, new time) is read again
+    copy = tmp_path / "copy" / "FashionMNIST" / "raw"
+    copy.mkdir(parents=True)
+    for f in (SHARED_DATA / "FashionMNIST" / "raw").iterdir():
+        (copy / f.name).symlink_to(f)
+    load_images("fashion", "test", copy.parents[1])
+    assert len(list((isolated_cache / "tensors").iterdir())) == 1
+    target = copy / "t10k-images-idx3-ubyte.gz"
+    target.unlink()
+    shutil.copy(SHARED_DATA / "FashionMNIST" / "raw" / target.name, target)
+    x2, _ = load_images("fashion", "test", copy.parents[1]).tensors
+    assert len(list((isolated_cache / "tensors").iterdir())) == 2
+    assert torch.equal(x2, x)
+
+    # a corrupt cache file is read past: the raw files are read again
+    cached[0].write_bytes(b"not a tensor file")
+    x3, _ = load_images("fashion", "test", SHARED_DATA).tensors
+    assert torch.equal(x3, x)
 
 
 @needs_shared
