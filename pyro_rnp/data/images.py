@@ -112,10 +112,6 @@ def _tv_class(name: str):
     return getattr(torchvision.datasets, _TV_CLASSES[name])
 
 
-def _raw_names(cls) -> list[str]:
-    return [os.path.splitext(fname)[0] for fname, _ in cls.resources]
-
-
 def _extract_gz_to_cache(cls, src_raw: pathlib.Path) -> pathlib.Path:
     """Extract md5-verified gz files into our cache, since torchvision would extract next to them."""
     from torchvision.datasets.utils import check_integrity
@@ -141,17 +137,28 @@ def _extract_gz_to_cache(cls, src_raw: pathlib.Path) -> pathlib.Path:
     return root
 
 
+def _raw_files(name: str, data_dir: pathlib.Path) -> tuple[str, list[pathlib.Path]] | None:
+    """The raw files torchvision will read, in the first form found: ("in place", data_dir's
+    uncompressed files), ("gz", data_dir's gz files, which we extract) or ("extracted", our copy);
+    None when no form is complete."""
+    folder = _TV_CLASSES[name]
+    forms = [("in place", [data_dir / folder / "raw" / n for n in _TV_RAW_NAMES]),
+             ("gz", [data_dir / folder / "raw" / (n + ".gz") for n in _TV_RAW_NAMES]),
+             ("extracted", [cache_dir() / "torchvision" / folder / "raw" / n for n in _TV_RAW_NAMES])]
+    return next(((form, files) for form, files in forms if all(f.is_file() for f in files)), None)
+
+
 def _torchvision_root(name: str, data_dir: pathlib.Path, download: bool) -> pathlib.Path:
     """A root that torchvision can read with download=False, without writing into data_dir."""
     cls = _tv_class(name)
-    names = _raw_names(cls)
     src_raw = data_dir / cls.__name__ / "raw"
-    if all((src_raw / n).is_file() for n in names):
-        return data_dir
-    if all((src_raw / (n + ".gz")).is_file() for n in names):
-        return _extract_gz_to_cache(cls, src_raw)
     cache_root = cache_dir() / "torchvision"
-    if all((cache_root / cls.__name__ / "raw" / n).is_file() for n in names):
+    form, _ = _raw_files(name, data_dir) or (None, None)
+    if form == "in place":
+        return data_dir
+    if form == "gz":
+        return _extract_gz_to_cache(cls, src_raw)
+    if form == "extracted":
         _say_which_copy(cls.__name__, data_dir, cache_root / cls.__name__)
         return cache_root
     error = None
@@ -165,7 +172,7 @@ def _torchvision_root(name: str, data_dir: pathlib.Path, download: bool) -> path
         _missing_message(
             f"{cls.__name__} data",
             src_raw,
-            names,
+            _TV_RAW_NAMES,
             f"{cls.__name__}/raw/ (those files, or the same names with .gz)",
             error,
         )
@@ -173,20 +180,16 @@ def _torchvision_root(name: str, data_dir: pathlib.Path, download: bool) -> path
 
 
 def _tensor_cache(name: str, split: str, data_dir: pathlib.Path) -> pathlib.Path | None:
-    """Where what torchvision read of ``split`` is kept, keyed on the raw files it would read
-    (the same choice as _torchvision_root); None when none are on disk yet."""
-    folder = _TV_CLASSES[name]
-    candidates = [[data_dir / folder / "raw" / n for n in _TV_RAW_NAMES],
-                  [data_dir / folder / "raw" / (n + ".gz") for n in _TV_RAW_NAMES],
-                  [cache_dir() / "torchvision" / folder / "raw" / n for n in _TV_RAW_NAMES]]
-    files = next((c for c in candidates if all(f.is_file() for f in c)), None)
-    if files is None:
+    """Where what torchvision read of ``split`` is kept, keyed on the raw files it reads
+    (``_raw_files``); None when none are on disk yet."""
+    found = _raw_files(name, data_dir)
+    if found is None:
         return None
     digest = hashlib.sha1()
-    for f in files:
+    for f in found[1]:
         stat = f.stat()
         digest.update(f"{f.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    return cache_dir() / "tensors" / f"{folder}-{split}-{digest.hexdigest()[:12]}.pt"
+    return cache_dir() / "tensors" / f"{_TV_CLASSES[name]}-{split}-{digest.hexdigest()[:12]}.pt"
 
 
 def _read_tensor_cache(path: pathlib.Path | None) -> dict | None:
